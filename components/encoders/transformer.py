@@ -1,0 +1,106 @@
+"""Pre-LN transformer encoder for left-padded behaviour sequences (SASRec-style)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rex.registry import register
+
+
+class _Block(nn.Module):
+    """LayerNorm → self-attention → residual; LayerNorm → FFN(GELU) → residual."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.attn_dropout = dropout
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        # No dropout inside the FFN: on CPU it costs as much as the FFN itself, and the residual
+        # dropout below already regularises the block.
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, allowed: Tensor | None) -> Tensor:
+        b, length, dim = x.shape
+        q, k, v = (
+            self.qkv(self.norm1(x))
+            .reshape(b, length, 3, self.num_heads, dim // self.num_heads)
+            .permute(2, 0, 3, 1, 4)
+        )  # each (B, H, L, dh)
+        attn_mask = None
+        if allowed is not None:
+            # Additive and finite (in q's dtype, which autocast may lower), so a fully masked
+            # row gets uniform weights instead of NaN.
+            neg = torch.finfo(q.dtype).min / 2
+            attn_mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, neg)
+        attended = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        x = x + self.dropout(self.proj(attended.transpose(1, 2).reshape(b, length, dim)))
+        return x + self.dropout(self.ffn(self.norm2(x)))
+
+
+@register("encoder/transformer")
+class TransformerEncoder(nn.Module):
+    """Stack of pre-LN self-attention blocks over a (B, L, dim) sequence, causal by default.
+
+    ``forward(x: (B, L, dim), padding_mask: (B, L) bool, True = padding) -> (B, L, dim)``.
+    Sequences are left-padded (right-aligned); outputs at padded positions are zero. The
+    attention mask is additive with a large finite negative, so a row with no visible key
+    (an all-padding sequence) gives finite values, never NaN. ``ffn_dim`` defaults to
+    ``4 * dim`` (original SASRec uses ``dim``; set it explicitly for parity). Positional
+    embeddings are the caller's job. A final LayerNorm follows the last block. ``dropout``
+    applies to attention weights and to each residual branch.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_layers: int = 2,
+        num_heads: int = 2,
+        ffn_dim: int | None = None,
+        dropout: float = 0.2,
+        causal: bool = True,
+    ) -> None:
+        super().__init__()
+        if dim <= 0 or num_layers <= 0 or num_heads <= 0:
+            raise ValueError(
+                f"dim, num_layers and num_heads must be positive, got {dim}, {num_layers}, {num_heads}"
+            )
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if ffn_dim is not None and ffn_dim <= 0:
+            raise ValueError(f"ffn_dim must be positive, got {ffn_dim}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.dim = dim
+        self.causal = causal
+        self.blocks = nn.ModuleList(
+            _Block(dim, num_heads, ffn_dim or 4 * dim, dropout) for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def _allowed(self, x: Tensor, padding_mask: Tensor | None) -> Tensor | None:
+        """Bool mask, True where a query may attend to a key: (L, L), (B, 1, 1, L) or (B, 1, L, L)."""
+        length = x.shape[1]
+        allowed: Tensor | None = None
+        if self.causal:
+            allowed = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+        if padding_mask is not None:
+            keys = ~padding_mask[:, None, None, :]  # (B, 1, 1, L): key is a real item
+            allowed = keys if allowed is None else keys & allowed
+        return allowed
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        allowed = self._allowed(x, padding_mask)
+        for block in self.blocks:
+            x = block(x, allowed)
+        x = self.norm(x)
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask[..., None], 0.0)
+        return x

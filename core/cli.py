@@ -1,0 +1,162 @@
+"""The ``rex`` command line.
+
+Every user mistake surfaces as a :class:`RexError`, printed in 1-3 lines with exit code 2 and
+no traceback (set ``REX_DEBUG=1`` for the traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rex.errors import RexError
+
+app = typer.Typer(
+    help="rex: declarative recommender-systems experiments.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Prepare and inspect datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+out = Console()
+
+Overrides = Annotated[
+    list[str] | None, typer.Argument(help="dotlist overrides such as train.max_epochs=5", show_default=False)
+]
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path | None, typer.Argument(help="recipe YAML file", show_default=False)] = None,
+    overrides: Overrides = None,
+    seeds: Annotated[
+        int | None, typer.Option(min=1, help="run N seeds (recipe seed, +1, ...) and report mean ± std")
+    ] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue a killed run from its folder")] = None,
+) -> None:
+    """Train a recipe, select on validation, test the best checkpoint."""
+    from rex import train as training
+
+    if resume is not None:
+        if recipe is not None or overrides:
+            raise RexError(
+                "--resume takes only the run folder: the run's own recipe is reused", file="command line"
+            )
+        training.resume(resume)
+        return
+    if recipe is None:
+        raise RexError("missing RECIPE: rex train recipes/<name>.yaml [key=value ...]", file="command line")
+    training.train(recipe, overrides or [], seeds)
+
+
+@app.command("eval")
+def evaluate(target: Annotated[Path, typer.Argument(help="run folder or .ckpt file")]) -> None:
+    """Test metrics of a finished run's best checkpoint (does not touch metrics.json)."""
+    from rex.train import evaluate as run_eval
+
+    results = run_eval(target)
+    table = Table(title=f"test metrics · {target}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in results.items():
+        table.add_row(name, f"{value:.4f}")
+    out.print(table)
+
+
+@app.command()
+def validate(
+    recipes: Annotated[list[Path], typer.Argument(help="recipe files or folders of recipes")],
+) -> None:
+    """Build every component and run one batch through the model, without training."""
+    from rex.recipe import recipe_files
+    from rex.validate import validate_recipe
+
+    files = recipe_files([str(r) for r in recipes])
+    if not files:
+        raise RexError("no recipes found", file=" ".join(map(str, recipes)))
+    failures = 0
+    for path in files:
+        try:
+            summary = validate_recipe(path)
+            out.print(f"ok   {path}  {summary}", markup=False, highlight=False)
+        except RexError as exc:
+            failures += 1
+            out.print(f"fail {exc}", markup=False, highlight=False)
+    if failures:
+        raise typer.Exit(code=2)
+
+
+@app.command("list")
+def list_components(
+    kind: Annotated[str | None, typer.Argument(help="component kind, e.g. encoder")] = None,
+) -> None:
+    """Registered components with a one-line description."""
+    from rex.registry import entries
+
+    found = entries(kind)
+    if not found:
+        kinds = sorted({e.key.split("/")[0] for e in entries()})
+        raise RexError(f"no components of kind {kind!r}; kinds: {', '.join(kinds)}", file="command line")
+    table = Table(show_header=True)
+    table.add_column("component")
+    table.add_column("description")
+    for entry in found:
+        table.add_row(entry.key, entry.summary)
+    out.print(table)
+
+
+@app.command()
+def show(recipe: Path, overrides: Overrides = None) -> None:
+    """Print the fully resolved recipe."""
+    from rex.recipe import load_recipe
+
+    typer.echo(load_recipe(recipe, overrides or []).to_yaml(), nl=False)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    names: Annotated[list[str], typer.Argument(help="dataset names (see params.yaml)")],
+    force: Annotated[bool, typer.Option(help="rebuild even if up to date")] = False,
+) -> None:
+    """Build datasets from the raw mirror into Lance tables."""
+    from rex.data.prepare import prepare_dataset
+
+    for name in names:
+        schema = prepare_dataset(name, force=force)
+        out.print(
+            f"[green]{name}[/green]: {schema.num_users - 1} users, {schema.num_items - 1} items, "
+            f"tables {', '.join(f'{t}={n}' for t, n in schema.tables.items())}"
+        )
+
+
+@data_app.command("info")
+def data_info(name: str) -> None:
+    """Schema, tables and counts of a prepared dataset."""
+    from rex.data.prepare import dataset_info
+
+    typer.echo(dataset_info(name))
+
+
+def main() -> None:
+    try:
+        app()
+    except RexError as exc:
+        if os.environ.get("REX_DEBUG") == "1":
+            raise
+        # markup off: key paths such as losses[0] are not rich tags
+        Console(stderr=True).print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Lance tables in, numpy columns out.
+
+Tables are written atomically (a killed write never leaves a half table in place) and read
+column-wise into numpy: scalar columns as 1-D arrays, list columns as a :class:`RaggedColumn`
+(flat values plus offsets), which pads a batch with index arithmetic instead of a Python loop.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import lance
+import numpy as np
+import pyarrow as pa
+
+from rex.errors import DataError
+
+
+@dataclass(frozen=True)
+class RaggedColumn:
+    """A list column: row ``r`` is ``values[offsets[r]:offsets[r + 1]]``.
+
+    ``values`` is a flat int64 array and ``offsets`` an int64 array of ``rows + 1`` entries
+    starting at 0.
+    """
+
+    values: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        """Number of elements in each row (int64, one per row)."""
+        return np.diff(self.offsets)
+
+    def row(self, index: int) -> np.ndarray:
+        """The elements of one row (a view into ``values``)."""
+        return self.values[self.offsets[index] : self.offsets[index + 1]]
+
+    def take(self, indices: np.ndarray) -> RaggedColumn:
+        """The rows at ``indices``, in that order, as a new compact column."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return RaggedColumn.from_slices(self.values, self.offsets[:-1][indices], self.lengths()[indices])
+
+    @classmethod
+    def from_slices(cls, values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> RaggedColumn:
+        """A column whose row ``r`` is ``values[starts[r]:starts[r] + lengths[r]]`` (copied)."""
+        starts = np.asarray(starts, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # Output element k of row r is values[starts[r] + (k - offsets[r])].
+        source = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1], dtype=np.int64)
+        return cls(np.asarray(values, dtype=np.int64)[source], offsets)
+
+    def padded(self, max_len: int) -> np.ndarray:
+        """A ``rows x max_len`` int64 matrix of each row's last ``max_len`` elements.
+
+        Rows are right-aligned: the most recent element sits in the last column and shorter rows
+        are zero-padded on the left (0 is the padding id).
+        """
+        if max_len < 0:
+            raise ValueError(f"max_len must be >= 0, got {max_len}")
+        rows = len(self)
+        out = np.zeros((rows, max_len), dtype=np.int64)
+        kept = np.minimum(self.lengths(), max_len)
+        total = int(kept.sum())
+        if total == 0:
+            return out
+        row_of = np.repeat(np.arange(rows, dtype=np.int64), kept)
+        kept_start = np.cumsum(kept) - kept
+        within = np.arange(total, dtype=np.int64) - np.repeat(kept_start, kept)
+        source = np.repeat(self.offsets[1:] - kept, kept) + within
+        column = np.repeat(max_len - kept, kept) + within
+        out[row_of, column] = self.values[source]
+        return out
+
+    @classmethod
+    def from_lists(cls, lists: list[list[int]]) -> RaggedColumn:
+        """Build from Python lists (for tests and small hand-made inputs)."""
+        lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
+        offsets = np.zeros(len(lists) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        values = np.fromiter((v for x in lists for v in x), dtype=np.int64, count=int(offsets[-1]))
+        return cls(values, offsets)
+
+    def to_arrow(self) -> pa.Array:
+        """The column as an arrow ``list<int64>`` array (for writing tables)."""
+        values = pa.array(self.values, pa.int64())
+        if self.offsets[-1] > np.iinfo(np.int32).max:
+            return pa.LargeListArray.from_arrays(pa.array(self.offsets, pa.int64()), values)
+        return pa.ListArray.from_arrays(pa.array(self.offsets.astype(np.int32)), values)
+
+
+Column = np.ndarray | RaggedColumn
+
+
+def write_table(path: Path, table: pa.Table) -> None:
+    """Write ``table`` as a Lance dataset at ``path``, replacing any table already there.
+
+    The dataset is written to ``<path>.tmp-<pid>`` first and swapped in with renames, so ``path``
+    holds either the old complete table or the new one (or, for an instant during the swap,
+    nothing), never a half-written one.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        lance.write_dataset(table, str(tmp), mode="create")
+        swap_into_place(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_into_place(new: Path, path: Path) -> None:
+    """Replace the directory ``path`` with the complete directory ``new`` by renames.
+
+    The old directory is renamed away, the new one renamed in, then the old one deleted, so a
+    reader never sees a mix of the two.
+    """
+    old = path.with_name(f"{path.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _rebuild_hint(path: Path) -> str:
+    return f"rebuild it with `rex data prepare {path.parent.name} --force`"
+
+
+def read_columns(path: Path, columns: list[str]) -> dict[str, Column]:
+    """Read ``columns`` of the Lance table at ``path`` into numpy.
+
+    Scalar columns become 1-D arrays; list columns become :class:`RaggedColumn`. Every failure
+    (missing table, missing column, unreadable files) is a :class:`DataError` naming the path.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: table missing; run `rex data prepare {path.parent.name}`")
+    try:
+        dataset = lance.dataset(str(path))
+        names = dataset.schema.names
+    except BaseException as exc:
+        _reraise_interrupts(exc)
+        raise DataError(f"{path}: cannot open table ({_first_line(exc)}); {_rebuild_hint(path)}") from exc
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise DataError(
+            f"{path}: no column {', '.join(missing)} (columns: {', '.join(names)}); {_rebuild_hint(path)}"
+        )
+    try:
+        table = dataset.to_table(columns=list(columns))
+        return {name: _to_numpy(table.column(name)) for name in columns}
+    except BaseException as exc:
+        _reraise_interrupts(exc)
+        raise DataError(f"{path}: cannot read table ({_first_line(exc)}); {_rebuild_hint(path)}") from exc
+
+
+def _to_numpy(column: pa.ChunkedArray) -> Column:
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+        offsets = np.asarray(array.offsets, dtype=np.int64)
+        values = array.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        return RaggedColumn(values, offsets - offsets[0])
+    return array.to_numpy(zero_copy_only=False)
+
+
+def _reraise_interrupts(exc: BaseException) -> None:
+    # Lance is Rust: a corrupt file can surface as a pyo3 PanicException, which derives from
+    # BaseException. Everything but a real interrupt counts as a read failure.
+    if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
+        raise exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    return first if len(first) <= 200 else first[:197] + "..."

@@ -1,0 +1,132 @@
+"""The one LightningDataModule: a prepared dataset's view, as batches named by role."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+
+from rex.config import Recipe
+from rex.data.lance_io import RaggedColumn, read_columns
+from rex.data.schema import DatasetSchema, ViewSpec, load_schema
+from rex.errors import DataError
+from rex.loader import BatchLoader
+
+SPLITS = ("train", "valid", "test")
+
+
+def _tensor(column: Any, max_len: int) -> Tensor:
+    if isinstance(column, RaggedColumn):
+        return torch.from_numpy(np.ascontiguousarray(column.padded(max_len)))
+    array = np.asarray(column)
+    if array.dtype.kind == "f":
+        return torch.from_numpy(array.astype(np.float32))
+    return torch.from_numpy(array.astype(np.int64))
+
+
+class RexDataModule(L.LightningDataModule):
+    """Reads the recipe's view (``sequence`` or ``ctr``) of a prepared dataset.
+
+    Batches carry tensors by role: ``user``, ``item``, ``label``, ``history``, ``target``,
+    the categorical feature fields, and for sequence training ``items``/``targets``.
+    """
+
+    def __init__(self, recipe: Recipe, dataset_dir: Path, seed: int) -> None:
+        super().__init__()
+        self.recipe = recipe
+        self.dataset_dir = dataset_dir
+        self.seed = seed
+        self.schema: DatasetSchema = load_schema(dataset_dir)
+        view = self.schema.views.get(recipe.data.view)
+        if view is None:
+            raise DataError(
+                f"dataset {self.schema.name!r} has no {recipe.data.view!r} view "
+                f"(it has: {', '.join(self.schema.views)})",
+                file=str(dataset_dir / "schema.json"),
+                key="data.view",
+            )
+        self.view: ViewSpec = view
+        self._loaders: dict[str, BatchLoader] = {}
+
+    # ------------------------------------------------------------------ what models may ask for
+    def context(self) -> dict[str, Any]:
+        """Values the builder passes to components that declare them (``num_items``, ``fields``...)."""
+        fields = {
+            name: spec.vocab_size
+            for name, spec in self.view.fields.items()
+            if spec.kind == "categorical" and spec.vocab_size is not None
+        }
+        return {
+            "num_items": self.schema.num_items,
+            "num_users": self.schema.num_users,
+            "fields": fields,
+            "max_len": self.recipe.data.max_len,
+        }
+
+    # ------------------------------------------------------------------ loading
+    def _table(self, split: str) -> Path:
+        name = self.view.tables.get(split)
+        if name is None:
+            raise DataError(
+                f"view {self.recipe.data.view!r} has no {split} table", file=str(self.dataset_dir)
+            )
+        return self.dataset_dir / f"{name}.lance"
+
+    def _columns(self, split: str) -> dict[str, Tensor]:
+        max_len = self.recipe.data.max_len
+        path = self._table(split)
+        if self.recipe.data.view == "sequence" and split == "train":
+            raw = read_columns(path, ["user", "items"])
+            padded = _tensor(raw["items"], max_len + 1)
+            inputs = padded[:, :-1].contiguous()
+            targets = torch.where(inputs > 0, padded[:, 1:], torch.zeros_like(inputs))
+            keep = (targets > 0).any(dim=1)
+            return {"user": _tensor(raw["user"], 0)[keep], "items": inputs[keep], "targets": targets[keep]}
+        names = [
+            name for name, spec in self.view.fields.items() if spec.kind != "sequence" or name == "history"
+        ]
+        if self.recipe.data.view == "sequence":
+            names = ["user", "history", "target"]
+        raw = read_columns(path, names)
+        return {name: _tensor(column, max_len) for name, column in raw.items()}
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in SPLITS:
+            if split in self._loaders:
+                continue
+            train = split == "train"
+            batch_size = self.recipe.train.batch_size if train else self.recipe.eval.batch_size
+            self._loaders[split] = BatchLoader(
+                self._columns(split), batch_size, shuffle=train, seed=self.seed
+            )
+
+    def loader(self, split: str) -> BatchLoader:
+        self.setup()
+        return self._loaders[split]
+
+    def train_dataloader(self) -> BatchLoader:
+        return self.loader("train")
+
+    def val_dataloader(self) -> BatchLoader:
+        return self.loader("valid")
+
+    def test_dataloader(self) -> BatchLoader:
+        return self.loader("test")
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        # Lightning's own progress counters say how many batches of this epoch the model has
+        # consumed; the loader's position would be ahead by the prefetched batch.
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches": progress.processed}  # type: ignore[attr-defined]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.loader("train").skip_batches(int(state["epoch"]), int(state["batches"]))

@@ -1,0 +1,85 @@
+"""Batches from columns already in memory, by index arithmetic.
+
+A split's columns are read from Lance once and held as contiguous tensors (sequences as
+(rows, max_len) left-padded matrices). A batch is then an ``index_select`` per column: no
+Python work per row, no per-epoch reread, and memory that does not grow with epochs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+
+class EpochShuffle:
+    """The epoch-seeded permutation of one loader.
+
+    Lightning calls ``set_epoch`` before each epoch (as it does for a DistributedSampler),
+    so the order depends on (seed, epoch) alone and a resumed run sees the same batches.
+    """
+
+    def __init__(self, num_rows: int, seed: int, shuffle: bool) -> None:
+        self.num_rows = num_rows
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_rows)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.num_rows, generator=generator)
+
+
+class BatchLoader:
+    """Iterable of dict batches over equal-length column tensors.
+
+    2-D (sequence) columns are left-padded with 0; each batch trims them to the longest
+    sequence in the batch. ``skip_batches(epoch, n)`` makes the next pass over ``epoch`` start
+    at batch ``n`` (used when resuming mid-epoch).
+    """
+
+    def __init__(
+        self, columns: Mapping[str, Tensor], batch_size: int, *, shuffle: bool = False, seed: int = 0
+    ) -> None:
+        sizes = {name: column.shape[0] for name, column in columns.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"columns differ in length: {sizes}")
+        self.columns = dict(columns)
+        self.batch_size = batch_size
+        self.num_rows = next(iter(sizes.values()))
+        self.sampler = EpochShuffle(self.num_rows, seed, shuffle)
+        self.batch_sampler = None  # Lightning inspects loaders as it would a torch DataLoader
+        self._resume: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return -(-self.num_rows // self.batch_size)
+
+    def skip_batches(self, epoch: int, batches: int) -> None:
+        self._resume = (epoch, batches)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        # A generator: the order is drawn at the first next(), after Lightning's set_epoch.
+        order = self.sampler.order()
+        start = 0
+        if self._resume is not None:
+            epoch, batches = self._resume
+            self._resume = None
+            if epoch == self.sampler.epoch:
+                start = batches
+        for first in range(start * self.batch_size, self.num_rows, self.batch_size):
+            index = order[first : first + self.batch_size]
+            yield {name: _trim(column.index_select(0, index)) for name, column in self.columns.items()}
+
+
+def _trim(column: Tensor) -> Tensor:
+    if column.dim() != 2 or column.shape[1] == 0:
+        return column
+    used = (column != 0).any(dim=0).nonzero()
+    first = int(used[0]) if used.numel() else column.shape[1] - 1
+    return column[:, first:]

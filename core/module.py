@@ -1,0 +1,102 @@
+"""The one LightningModule: every model trains, validates and tests through it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from rex.config import TrainConfig
+from rex.evaluation import Evaluator
+
+
+@dataclass
+class WeightedLoss:
+    name: str
+    weight: float
+    module: nn.Module
+
+
+class RexModule(L.LightningModule):
+    """Runs ``model(batch) -> outputs`` and sums the recipe's weighted loss components."""
+
+    def __init__(
+        self, model: nn.Module, losses: list[WeightedLoss], evaluator: Evaluator, train: TrainConfig
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_modules = nn.ModuleList([loss.module for loss in losses])
+        self.losses = losses
+        self.evaluator = evaluator
+        self.train_config = train
+        self._last_step_end: float | None = None
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self.model(batch)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        outputs = self.model(batch)
+        total: Tensor | None = None
+        for loss in self.losses:
+            value = loss.module(outputs, batch)
+            if len(self.losses) > 1:
+                self.log(f"train/loss_{loss.name}", value, on_step=True, on_epoch=True)
+            total = value * loss.weight if total is None else total + value * loss.weight
+        assert total is not None
+        rows = next(iter(batch.values())).shape[0]
+        self.log("train/loss", total, prog_bar=True, on_step=True, on_epoch=True, batch_size=rows)
+        self._log_throughput(rows)
+        return total
+
+    def _log_throughput(self, rows: int) -> None:
+        now = time.perf_counter()
+        if self._last_step_end is not None and now > self._last_step_end:
+            self.log("samples/s", rows / (now - self._last_step_end), prog_bar=True, on_step=True)
+        self._last_step_end = now
+
+    def on_train_epoch_start(self) -> None:
+        self._last_step_end = None
+
+    # --------------------------------------------------------------- evaluation, written once
+    def on_validation_epoch_start(self) -> None:
+        self.evaluator.reset()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.evaluator.update(self.model, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict({f"val/{k}": v for k, v in self.evaluator.compute().items()}, prog_bar=True)
+
+    def on_test_epoch_start(self) -> None:
+        self.evaluator.reset()
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.evaluator.update(self.model, batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict({f"test/{k}": v for k, v in self.evaluator.compute().items()})
+
+    # --------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        cfg = self.train_config
+        optimizer = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        return optimizer(self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    # --------------------------------------------------------------- exact resume
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Dropout draws from the global generator: restoring it makes a resumed run take the
+        # same steps as an uninterrupted one.
+        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("rng_state")
+        if state:
+            torch.set_rng_state(state["torch"])
+            if "cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,208 @@
+"""Recipe loading: YAML in, a validated :class:`Recipe` and its resolved dict out.
+
+This is the only module that parses recipe YAML. It handles ``extends:`` (one base or a list,
+merged in order, paths relative to the recipe), ``${...}`` interpolation and command-line dotlist
+overrides, and turns every failure into a :class:`RecipeError` naming the file and key path.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ValidationError
+
+from rex.config import Recipe
+from rex.errors import RecipeError
+
+OVERRIDE_SOURCE = "command-line override"
+
+
+@dataclass(frozen=True)
+class LoadedRecipe:
+    path: Path
+    recipe: Recipe
+    resolved: dict[str, Any]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.resolved, sort_keys=False)
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    shown = _display(path)
+    if not path.is_file():
+        raise RecipeError("recipe file not found; check the path", file=shown)
+    try:
+        # yaml first: its errors carry line and column, OmegaConf's do not.
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"YAML syntax error at {where}{problem}", file=shown) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe must be a mapping of sections (data, model, train, ...)", file=shown)
+    try:
+        return OmegaConf.create(data)
+    except OmegaConfBaseException as exc:
+        raise RecipeError(f"cannot read recipe: {exc}", file=shown) from exc
+
+
+def _load_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(_display(p) for p in (*chain, path))
+        raise RecipeError(f"extends forms a cycle: {cycle}", file=_display(chain[0]), key="extends")
+    node = _read_yaml(path)
+    bases = node.pop("extends", None)
+    if bases is None:
+        return node
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, ListConfig | list) or not all(isinstance(b, str) for b in bases):
+        raise RecipeError("extends must be a path or a list of paths", file=_display(path), key="extends")
+    merged = OmegaConf.create({})
+    for i, base in enumerate(bases):
+        base_path = path.parent / base
+        if not base_path.is_file():
+            raise RecipeError(
+                f"base recipe {base!r} not found (looked in {_display(base_path.parent)})",
+                file=_display(path),
+                key=f"extends[{i}]" if len(bases) > 1 else "extends",
+            )
+        merged = OmegaConf.merge(merged, _load_with_bases(base_path, (*chain, path)))  # type: ignore[assignment]
+    return OmegaConf.merge(merged, node)  # type: ignore[return-value]
+
+
+def _apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} must look like key.path=value", file=OVERRIDE_SOURCE)
+        key, value = item.split("=", 1)
+        _check_override_path(cfg, key)
+        try:
+            parsed = yaml.safe_load(value) if value else None
+        except yaml.YAMLError:
+            parsed = value
+        try:
+            OmegaConf.update(cfg, key, parsed, merge=False, force_add=True)
+        except OmegaConfBaseException as exc:
+            raise RecipeError(f"cannot set {key}: {exc}", file=OVERRIDE_SOURCE, key=key) from exc
+    return cfg
+
+
+def _check_override_path(cfg: DictConfig, key: str) -> None:
+    """Reject overrides through keys that do not exist, unless the schema or a component allows them.
+
+    ``train.patience=3`` may add a key the recipe leaves at its default, and
+    ``model.encoder.num_layers=3`` may set a component argument left at its default; the
+    pydantic models and the registry validate those. ``trian.lr=1`` cannot be right.
+    """
+    parts = key.split(".")
+    if not all(parts):
+        raise RecipeError(f"override path {key!r} is malformed", file=OVERRIDE_SOURCE, key=key)
+    top = parts[0]
+    fields = set(Recipe.model_fields)
+    if top not in fields:
+        close = difflib.get_close_matches(top, sorted(fields), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else f" (sections: {', '.join(sorted(fields))})"
+        raise RecipeError(f"no such recipe section {top!r}{hint}", file=OVERRIDE_SOURCE, key=key)
+    node: Any = cfg
+    for depth, part in enumerate(parts[:-1]):
+        if not isinstance(node, DictConfig) or part not in node:
+            return  # below here, validation or the builder reports unknown keys with their path
+        node = node[part]
+        if not isinstance(node, DictConfig):
+            prefix = ".".join(parts[: depth + 1])
+            raise RecipeError(
+                f"{prefix} is a value, not a section, so {key} cannot be set", file=OVERRIDE_SOURCE, key=key
+            )
+
+
+def _pydantic_message(exc: ValidationError, file: str, overrides: list[str]) -> RecipeError:
+    err = exc.errors()[0]
+    loc = ""
+    for part in err["loc"]:
+        loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+    if err["type"] == "extra_forbidden":
+        parent_loc, _, leaf = loc.rpartition(".")
+        allowed = _allowed_keys(parent_loc)
+        close = difflib.get_close_matches(leaf, allowed, n=1)
+        hint = (
+            f" (did you mean {close[0]}?)"
+            if close
+            else (f" (allowed: {', '.join(allowed)})" if allowed else "")
+        )
+        message = f"unknown key{hint}"
+    elif err["type"] == "missing":
+        message = "required key is missing"
+    else:
+        message = err["msg"]
+        if "input" in err and err["type"] not in ("value_error",):
+            message += f" (got {err['input']!r})"
+    source = file
+    if loc and any(o.split("=", 1)[0] == loc or o.split("=", 1)[0].startswith(loc + ".") for o in overrides):
+        source = OVERRIDE_SOURCE
+    return RecipeError(message.replace("Value error, ", ""), file=source, key=loc or None)
+
+
+def _allowed_keys(loc: str) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in [p for p in loc.split(".") if p]:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        candidates = getattr(annotation, "__args__", (annotation,))
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return sorted(model.model_fields)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedRecipe:
+    """Load, merge, override, resolve and validate a recipe."""
+    path = Path(path)
+    overrides = list(overrides or [])
+    shown = _display(path)
+    cfg = _load_with_bases(path)
+    cfg = _apply_overrides(cfg, overrides)
+    if "name" not in cfg:
+        cfg["name"] = path.stem
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or None
+        detail = str(exc).splitlines()[0]
+        raise RecipeError(f"cannot resolve interpolation: {detail}", file=shown, key=key) from exc
+    assert isinstance(resolved, dict)
+    try:
+        recipe = Recipe.model_validate(resolved)
+    except ValidationError as exc:
+        raise _pydantic_message(exc, shown, overrides) from exc
+    resolved = recipe.model_dump(mode="json")
+    return LoadedRecipe(path=path, recipe=recipe, resolved=resolved)
+
+
+def recipe_files(paths: list[str]) -> list[Path]:
+    """Expand directories into the recipes they hold (``recipes/base`` holds partial bases, skipped)."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found.extend(sorted(f for f in p.glob("*.yaml")))
+        else:
+            found.append(p)
+    return found

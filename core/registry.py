@@ -1,0 +1,259 @@
+"""Component registry and recursive builder.
+
+A component registers under ``kind/name`` (``encoder/mlp``, ``loss/bce``). A recipe node
+``{_component_: encoder/mlp, hidden: [64]}`` is built by looking the name up and checking every
+argument against the constructor's type hints before calling it.
+
+Two kinds of argument are not written in the recipe:
+
+* **context** values (``num_items``, ``fields`` ...) that come from the dataset schema. The
+  builder fills a parameter from the context when the recipe leaves it out.
+* **factories**: a parameter annotated ``Factory[T]`` receives a :class:`ComponentFactory`
+  instead of a built module, so the parent can supply arguments it alone knows (an input
+  width, say) when it calls the factory.
+
+The registry knows nothing about recipes or files; errors carry the key path and the caller
+adds the file name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from rex.errors import RecipeError
+
+T = TypeVar("T")
+COMPONENT_KEY = "_component_"
+
+
+class Factory(Generic[T]):
+    """Annotation marker: the argument is a recipe node built later by the parent component."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    target: Callable[..., Any]
+
+    @property
+    def summary(self) -> str:
+        doc = inspect.getdoc(self.target) or ""
+        return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+_REGISTRY: dict[str, Entry] = {}
+
+
+def register(key: str) -> Callable[[T], T]:
+    """Class or function decorator: ``@register("encoder/mlp")``."""
+    if key.count("/") != 1 or not all(key.split("/")):
+        raise ValueError(f"component key must look like 'kind/name', got {key!r}")
+
+    def decorate(target: T) -> T:
+        existing = _REGISTRY.get(key)
+        if existing is not None and existing.target is not target:
+            raise ValueError(f"{key} is already registered to {existing.target!r}")
+        _REGISTRY[key] = Entry(key, target)  # type: ignore[arg-type]
+        return target
+
+    return decorate
+
+
+def entries(kind: str | None = None) -> list[Entry]:
+    _ensure_builtins()
+    return sorted(
+        (e for e in _REGISTRY.values() if kind is None or e.key.split("/")[0] == kind), key=lambda e: e.key
+    )
+
+
+def lookup(name: str, path: str = "") -> Entry:
+    """Find a component by ``kind/name``, or by ``name`` alone when that is unambiguous."""
+    _ensure_builtins()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    short = [e for e in _REGISTRY.values() if e.key.split("/", 1)[1] == name]
+    if len(short) == 1:
+        return short[0]
+    if len(short) > 1:
+        options = ", ".join(e.key for e in short)
+        raise RecipeError(f"component name {name!r} is ambiguous: write one of {options}", key=path)
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else " (see `rex list`)"
+    raise RecipeError(f"unknown component {name!r}{hint}", key=path)
+
+
+def _ensure_builtins() -> None:
+    # Imported here, not at module import, so components can import this module freely.
+    import rex.builtins  # noqa: F401
+
+
+def load_plugins(modules: list[str]) -> None:
+    """Import the third-party modules a recipe lists under ``plugins:`` so they can register."""
+    import importlib
+
+    for i, module in enumerate(modules):
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise RecipeError(
+                f"cannot import plugin module {module!r}: {exc}. Install it or fix the name.",
+                key=f"plugins[{i}]",
+            ) from exc
+
+
+# --------------------------------------------------------------------------- type checking
+
+
+def _type_name(annotation: Any) -> str:
+    if annotation is type(None):
+        return "null"
+    if isinstance(annotation, type) and get_origin(annotation) is None:
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def type_matches(value: Any, annotation: Any) -> bool:
+    """Whether a recipe value (plain YAML data or a built object) fits ``annotation``."""
+    if annotation is Any or annotation is inspect.Parameter.empty:
+        return True
+    origin = get_origin(annotation)
+    if origin is Union or origin is types.UnionType:
+        return any(type_matches(value, arg) for arg in get_args(annotation))
+    if origin is typing.Literal:
+        return value in get_args(annotation)
+    if origin is Factory:
+        return isinstance(value, ComponentFactory)
+    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
+        if not isinstance(value, list | tuple):
+            return False
+        args = get_args(annotation)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(args) == len(value) and all(
+                type_matches(v, a) for v, a in zip(value, args, strict=True)
+            )
+        return not args or all(type_matches(v, args[0]) for v in value)
+    if origin in (dict, Mapping) or annotation is dict:
+        if not isinstance(value, Mapping):
+            return False
+        args = get_args(annotation)
+        return not args or all(
+            type_matches(k, args[0]) and type_matches(v, args[1]) for k, v in value.items()
+        )
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+# --------------------------------------------------------------------------- building
+
+
+class ComponentFactory:
+    """A validated recipe node whose construction the parent component completes.
+
+    ``factory(in_dim=64)`` builds the component with the recipe's arguments plus those given
+    by the parent; an argument missing from both is reported with the recipe key path.
+    """
+
+    def __init__(self, entry: Entry, kwargs: dict[str, Any], path: str) -> None:
+        self.entry = entry
+        self.kwargs = kwargs
+        self.path = path
+
+    def __call__(self, **supplied: Any) -> Any:
+        kwargs = {**supplied, **self.kwargs}
+        _check_required(self.entry, kwargs, self.path)
+        return self.entry.target(**kwargs)
+
+    def __repr__(self) -> str:
+        return f"ComponentFactory({self.entry.key}, {self.kwargs})"
+
+
+def _signature(entry: Entry) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
+    target = entry.target
+    init = target.__init__ if inspect.isclass(target) else target  # type: ignore[misc]
+    params = dict(inspect.signature(init).parameters)
+    params.pop("self", None)
+    params = {n: p for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    try:
+        hints = get_type_hints(init)
+    except Exception as exc:  # a component with unresolvable hints is a programming error
+        raise TypeError(f"cannot read type hints of {entry.key}: {exc}") from exc
+    return params, hints
+
+
+def _check_required(entry: Entry, kwargs: Mapping[str, Any], path: str) -> None:
+    params, _ = _signature(entry)
+    missing = [n for n, p in params.items() if p.default is p.empty and n not in kwargs]
+    if missing:
+        raise RecipeError(
+            f"missing required argument{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            f"for {entry.key}",
+            key=path,
+        )
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def build(node: Any, path: str = "", context: Mapping[str, Any] | None = None) -> Any:
+    """Build a recipe node (plain dict/list data) recursively into objects."""
+    return _build(node, path, context or {}, as_factory=False)
+
+
+def _build(node: Any, path: str, context: Mapping[str, Any], as_factory: bool) -> Any:
+    if isinstance(node, list):
+        return [_build(v, _join(path, i), context, False) for i, v in enumerate(node)]
+    if not isinstance(node, Mapping) or COMPONENT_KEY not in node:
+        if isinstance(node, Mapping):
+            return {k: _build(v, _join(path, k), context, False) for k, v in node.items()}
+        return node
+    name = node[COMPONENT_KEY]
+    if not isinstance(name, str):
+        raise RecipeError(
+            "_component_ must be a string such as 'encoder/mlp'", key=_join(path, COMPONENT_KEY)
+        )
+    entry = lookup(name, _join(path, COMPONENT_KEY))
+    params, hints = _signature(entry)
+    kwargs: dict[str, Any] = {}
+    for key, raw in node.items():
+        if key == COMPONENT_KEY:
+            continue
+        arg_path = _join(path, key)
+        if key not in params:
+            close = difflib.get_close_matches(key, list(params), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f" (arguments: {', '.join(params) or 'none'})"
+            raise RecipeError(f"unknown argument for {entry.key}{hint}", key=arg_path)
+        annotation = hints.get(key, Any)
+        wants_factory = get_origin(annotation) is Factory or any(
+            get_origin(a) is Factory for a in get_args(annotation)
+        )
+        value = _build(raw, arg_path, context, as_factory=wants_factory and raw is not None)
+        if not type_matches(value, annotation):
+            shown = value.entry.key if isinstance(value, ComponentFactory) else repr(value)
+            raise RecipeError(f"expected {_type_name(annotation)} for {entry.key}, got {shown}", key=arg_path)
+        kwargs[key] = value
+    for name_, param in params.items():
+        if name_ not in kwargs and name_ in context and param.default is param.empty:
+            kwargs[name_] = context[name_]
+    if as_factory:
+        return ComponentFactory(entry, kwargs, path)
+    _check_required(entry, kwargs, path)
+    try:
+        return entry.target(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise RecipeError(f"{entry.key} rejected its arguments: {exc}", key=path) from exc

@@ -1,0 +1,317 @@
+"""Training and evaluation runs: recipe → data, model, Trainer → run folder."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger
+from rich.console import Console
+from rich.table import Table
+
+from rex.config import Recipe
+from rex.data.prepare import ensure_dataset
+from rex.data.schema import data_hash
+from rex.datamodule import RexDataModule
+from rex.errors import RecipeError, RexError
+from rex.evaluation import make_evaluator
+from rex.module import RexModule, WeightedLoss
+from rex.recipe import LoadedRecipe, load_recipe
+from rex.registry import build, load_plugins
+from rex.runs import (
+    ENV_FILE,
+    RECIPE_FILE,
+    AtomicCheckpointIO,
+    MetricsRecorder,
+    atomic_write_json,
+    atomic_write_text,
+    environment,
+    load_checkpoint,
+    new_run_dir,
+    read_metrics,
+)
+
+console = Console(stderr=True)
+CHECKPOINTS = "checkpoints"
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's start-up chatter and known-harmless warnings out of the run output."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=".*is not a `torch.utils.data.DataLoader`.*")
+
+
+@dataclass
+class Built:
+    datamodule: RexDataModule
+    module: RexModule
+    data_hash: str
+
+
+def build_run(recipe: Recipe, seed: int, source: str) -> Built:
+    """Data, model and losses for one seed; errors name the recipe file and key path."""
+    L.seed_everything(seed, workers=True, verbose=False)
+    dataset_dir = ensure_dataset(recipe.data.name)
+    datamodule = RexDataModule(recipe, dataset_dir, seed)
+    load_plugins(recipe.plugins)
+    context = datamodule.context()
+    try:
+        model = build(recipe.model, "model", context)
+        losses = []
+        for i, node in enumerate(recipe.losses):
+            node = dict(node)
+            weight = node.pop("weight", 1.0)
+            if not isinstance(weight, int | float):
+                raise RecipeError(f"weight must be a number, got {weight!r}", key=f"losses[{i}].weight")
+            module = build(node, f"losses[{i}]", context)
+            name = str(node.get("_component_", "loss")).rsplit("/", 1)[-1]
+            losses.append(WeightedLoss(name, float(weight), module))
+    except RecipeError as exc:
+        exc.file = exc.file or source
+        raise
+    module = RexModule(model, losses, make_evaluator(recipe), recipe.train)
+    return Built(datamodule, module, data_hash(dataset_dir))
+
+
+class Throughput(Callback):
+    """Training rows per second over the run, excluding validation."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.seconds += time.perf_counter() - self._start
+        self.rows += next(iter(batch.values())).shape[0]
+
+
+def _loggers(recipe: Recipe, run_dir: Path) -> list[Logger]:
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version=0)]
+    if recipe.logging.wandb is not None:
+        from rex.tracking import wandb_logger
+
+        logger = wandb_logger(recipe.logging.wandb, run_dir, recipe.name)
+        if logger is not None:
+            loggers.append(logger)
+    return loggers
+
+
+def _trainer(recipe: Recipe, run_dir: Path, callbacks: list[Callback]) -> L.Trainer:
+    cfg = recipe.train
+    return L.Trainer(
+        default_root_dir=str(run_dir),
+        max_epochs=cfg.max_epochs,
+        accelerator=cfg.accelerator,
+        devices=1,
+        precision=cfg.precision,  # type: ignore[arg-type]
+        gradient_clip_val=cfg.grad_clip,
+        limit_train_batches=cfg.limit_train_batches,
+        limit_val_batches=cfg.limit_eval_batches,
+        limit_test_batches=cfg.limit_eval_batches,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+        enable_progress_bar=recipe.logging.progress_bar,
+        log_every_n_steps=recipe.logging.log_every_n_steps,
+        logger=_loggers(recipe, run_dir),
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+    )
+
+
+def run_one(loaded: LoadedRecipe, seed: int, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Train one seed into ``run_dir`` (or continue it), then test the best checkpoint once."""
+    recipe = loaded.recipe
+    quiet_lightning()
+    if recipe.train.num_threads:
+        torch.set_num_threads(recipe.train.num_threads)
+    built = build_run(recipe, seed, str(loaded.path))
+    if not resume:
+        atomic_write_text(
+            run_dir / RECIPE_FILE, yaml.safe_dump({**loaded.resolved, "seed": seed}, sort_keys=False)
+        )
+        atomic_write_json(run_dir / ENV_FILE, environment(built.data_hash))
+    monitor = f"val/{recipe.eval.monitor}"
+    ckpt_dir = run_dir / CHECKPOINTS
+    best = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best",
+        monitor=monitor,
+        mode=recipe.monitor_mode,
+        save_top_k=1,
+        save_last=True,
+        enable_version_counter=False,
+    )
+    callbacks: list[Callback] = [best]
+    if recipe.train.checkpoint_every_n_steps:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=ckpt_dir,
+                save_top_k=0,
+                save_last=True,
+                every_n_train_steps=recipe.train.checkpoint_every_n_steps,
+            )
+        )
+    if recipe.train.patience:
+        callbacks.append(
+            EarlyStopping(monitor=monitor, mode=recipe.monitor_mode, patience=recipe.train.patience)
+        )
+    header = {
+        "recipe": recipe.name,
+        "seed": seed,
+        "task": recipe.task,
+        "dataset": recipe.data.name,
+        "monitor": monitor,
+    }
+    recorder = MetricsRecorder(run_dir, header)
+    throughput = Throughput()
+    callbacks += [recorder, throughput]
+    trainer = _trainer(recipe, run_dir, callbacks)
+    started = time.perf_counter()
+    last = ckpt_dir / "last.ckpt"
+    trainer.fit(built.module, datamodule=built.datamodule, ckpt_path=str(last) if resume else None)
+    fit_seconds = time.perf_counter() - started
+    if trainer.interrupted:
+        raise RexError(
+            "training was interrupted; continue it with `rex train --resume RUN_DIR`", file=str(run_dir)
+        )
+    best_path = best.best_model_path or str(last)
+    test = trainer.test(built.module, datamodule=built.datamodule, ckpt_path=best_path, verbose=False)[0]
+    previous_train = recorder.data.get("train", {})
+    recorder.record(
+        "best",
+        {"checkpoint": str(Path(best_path).relative_to(run_dir)), "score": _float(best.best_model_score)},
+    )
+    recorder.record(
+        "train",
+        {
+            "wall_time_s": round(previous_train.get("wall_time_s", 0.0) + fit_seconds, 2),
+            "rows_per_s": round(throughput.rows / throughput.seconds, 1) if throughput.seconds else None,
+            "epochs": trainer.current_epoch,
+            "global_steps": trainer.global_step,
+        },
+    )
+    recorder.record("test", {k.removeprefix("test/"): float(v) for k, v in test.items()})
+    return recorder.data
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def train(recipe_path: str | Path, overrides: list[str], seeds: int | None = None) -> Path:
+    """``rex train``: one run folder per seed; several seeds share a parent with a summary."""
+    loaded = load_recipe(recipe_path, overrides)
+    recipe = loaded.recipe
+    seed_list = [recipe.seeds[0] + i for i in range(seeds)] if seeds else recipe.seeds
+    root = new_run_dir(Path(recipe.logging.run_root), recipe.name)
+    if len(seed_list) == 1:
+        result = run_one(loaded, seed_list[0], root)
+        print_summary(recipe, [result], root)
+        return root
+    results = []
+    for seed in seed_list:
+        run_dir = root / f"seed-{seed}"
+        run_dir.mkdir()
+        console.rule(f"{recipe.name} · seed {seed}")
+        results.append(run_one(loaded, seed, run_dir))
+    atomic_write_json(root / "summary.json", summarize(results))
+    print_summary(recipe, results, root)
+    return root
+
+
+def resume(run_dir: Path) -> Path:
+    """``rex train --resume RUN_DIR``: continue from ``checkpoints/last.ckpt`` with the run's recipe."""
+    recipe_file = run_dir / RECIPE_FILE
+    if not recipe_file.is_file():
+        raise RexError(
+            f"not a run folder (no {RECIPE_FILE}); pass runs/<recipe>/<timestamp>", file=str(run_dir)
+        )
+    if not (run_dir / CHECKPOINTS / "last.ckpt").is_file():
+        raise RexError("no checkpoints/last.ckpt to resume from; start a new run instead", file=str(run_dir))
+    if "test" in read_metrics(run_dir):
+        raise RexError("this run already finished (metrics.json has test metrics)", file=str(run_dir))
+    loaded = load_recipe(recipe_file)
+    result = run_one(loaded, loaded.recipe.seeds[0], run_dir, resume=True)
+    print_summary(loaded.recipe, [result], run_dir)
+    return run_dir
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    names = list(results[0].get("test", {}))
+    summary: dict[str, Any] = {"seeds": [r["seed"] for r in results], "test": {}}
+    for name in names:
+        values = [r["test"][name] for r in results]
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        summary["test"][name] = {"mean": mean, "std": std, "values": values}
+    return summary
+
+
+def print_summary(recipe: Recipe, results: list[dict[str, Any]], root: Path) -> None:
+    table = Table(title=f"{recipe.name} on {recipe.data.name} · test metrics (best validation checkpoint)")
+    table.add_column("metric")
+    if len(results) == 1:
+        table.add_column("test", justify="right")
+        for name, value in results[0]["test"].items():
+            table.add_row(name, f"{value:.4f}")
+    else:
+        table.add_column(f"mean ± std over {len(results)} seeds", justify="right")
+        for name, stats in summarize(results)["test"].items():
+            table.add_row(name, f"{stats['mean']:.4f} ± {stats['std']:.4f}")
+    out = Console()
+    out.print(table)
+    wall = sum(r.get("train", {}).get("wall_time_s", 0.0) for r in results)
+    out.print(f"run folder: {root}   training wall time: {wall:.0f} s")
+
+
+def evaluate(target: Path) -> dict[str, float]:
+    """``rex eval``: test metrics of a run's best checkpoint (or of a given .ckpt file)."""
+    if target.is_file():
+        ckpt, run_dir = target, target.parent.parent
+    else:
+        run_dir = target
+        ckpt = run_dir / CHECKPOINTS / "best.ckpt"
+        if not ckpt.is_file():
+            ckpt = run_dir / CHECKPOINTS / "last.ckpt"
+    if not (run_dir / RECIPE_FILE).is_file():
+        raise RexError(f"no {RECIPE_FILE} beside the checkpoint; pass a run folder", file=str(target))
+    quiet_lightning()
+    loaded = load_recipe(run_dir / RECIPE_FILE)
+    built = build_run(loaded.recipe, loaded.recipe.seeds[0], str(run_dir / RECIPE_FILE))
+    state = load_checkpoint(ckpt)
+    try:
+        built.module.load_state_dict(state["state_dict"])
+    except (KeyError, RuntimeError) as exc:
+        raise RexError(
+            f"checkpoint does not match the run's recipe: {str(exc).splitlines()[0]}", file=str(ckpt)
+        ) from exc
+    trainer = L.Trainer(
+        accelerator=loaded.recipe.train.accelerator,
+        devices=1,
+        logger=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
+    result = trainer.test(built.module, datamodule=built.datamodule, verbose=False)[0]
+    return {k.removeprefix("test/"): float(v) for k, v in result.items()}
