@@ -166,13 +166,15 @@ class ComponentFactory:
     by the parent; an argument missing from both is reported with the recipe key path.
     """
 
-    def __init__(self, entry: Entry, kwargs: dict[str, Any], path: str) -> None:
+    def __init__(self, entry: Entry, kwargs: dict[str, Any], path: str, context: Mapping[str, Any]) -> None:
         self.entry = entry
         self.kwargs = kwargs
         self.path = path
+        self.context = context
 
     def __call__(self, **supplied: Any) -> Any:
-        kwargs = {**supplied, **self.kwargs}
+        # The recipe's own arguments win, then what the parent supplies, then the context.
+        kwargs = {**_from_context(self.entry, self.context), **supplied, **self.kwargs}
         _check_required(self.entry, kwargs, self.path)
         return self.entry.target(**kwargs)
 
@@ -202,6 +204,12 @@ def _check_required(entry: Entry, kwargs: Mapping[str, Any], path: str) -> None:
             f"for {entry.key}",
             key=path,
         )
+
+
+def _from_context(entry: Entry, context: Mapping[str, Any]) -> dict[str, Any]:
+    """Context values for the component's required parameters that the context provides."""
+    params, _ = _signature(entry)
+    return {n: context[n] for n, p in params.items() if p.default is p.empty and n in context}
 
 
 def _join(path: str, key: str | int) -> str:
@@ -247,11 +255,9 @@ def _build(node: Any, path: str, context: Mapping[str, Any], as_factory: bool) -
             shown = value.entry.key if isinstance(value, ComponentFactory) else repr(value)
             raise RecipeError(f"expected {_type_name(annotation)} for {entry.key}, got {shown}", key=arg_path)
         kwargs[key] = value
-    for name_, param in params.items():
-        if name_ not in kwargs and name_ in context and param.default is param.empty:
-            kwargs[name_] = context[name_]
     if as_factory:
-        return ComponentFactory(entry, kwargs, path)
+        return ComponentFactory(entry, kwargs, path, context)
+    kwargs = {**_from_context(entry, context), **kwargs}
     _check_required(entry, kwargs, path)
     try:
         return entry.target(**kwargs)

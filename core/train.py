@@ -51,6 +51,7 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
     warnings.filterwarnings("ignore", message=".*is not a `torch.utils.data.DataLoader`.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 
 
 @dataclass
@@ -312,6 +313,7 @@ def evaluate(target: Path) -> dict[str, float]:
         enable_model_summary=False,
         enable_progress_bar=False,
         enable_checkpointing=False,
+        limit_test_batches=loaded.recipe.train.limit_eval_batches,
     )
     result = trainer.test(built.module, datamodule=built.datamodule, verbose=False)[0]
     return {k.removeprefix("test/"): float(v) for k, v in result.items()}

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rex.components.encoders.dropout import Dropout, dropout
 from rex.registry import register
 
 
@@ -23,7 +24,7 @@ class _Block(nn.Module):
         # No dropout inside the FFN: on CPU it costs as much as the FFN itself, and the residual
         # dropout below already regularises the block.
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor, allowed: Tensor | None) -> Tensor:
         b, length, dim = x.shape
@@ -38,9 +39,15 @@ class _Block(nn.Module):
             # row gets uniform weights instead of NaN.
             neg = torch.finfo(q.dtype).min / 2
             attn_mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, neg)
-        attended = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
-        )
+        if self.training and self.attn_dropout > 0:
+            # SDPA's own dropout falls back to slow bernoulli sampling on CPU.
+            scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+            if attn_mask is not None:
+                scores = scores + attn_mask
+            weights = dropout(scores.softmax(dim=-1), self.attn_dropout, True)
+            attended = weights @ v
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         x = x + self.dropout(self.proj(attended.transpose(1, 2).reshape(b, length, dim)))
         return x + self.dropout(self.ffn(self.norm2(x)))
 

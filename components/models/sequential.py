@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from rex.components.encoders.dropout import Dropout
 from rex.registry import Factory, register
 
 
@@ -35,7 +36,7 @@ class SequentialRecommender(nn.Module):
         # Positions count back from the most recent item, so left padding to the batch
         # maximum (rather than a global maximum) gives every item the same position.
         self.position_embedding = nn.Embedding(max_len, dim) if positional else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.encoder = encoder(dim=dim)
         nn.init.normal_(self.item_embedding.weight, std=dim**-0.5)
         with torch.no_grad():

@@ -1,0 +1,115 @@
+"""Training end to end on real data: every recipe, run folders, seeds, resume, eval."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from rex.recipe import recipe_files
+from rex.train import evaluate, train
+from tests.conftest import REPO, run_rex
+
+SMOKE = [
+    "train.max_epochs=1",
+    "train.limit_train_batches=3",
+    "train.limit_eval_batches=2",
+    "logging.progress_bar=false",
+]
+
+
+@pytest.mark.parametrize("recipe", recipe_files([str(REPO / "recipes")]), ids=lambda p: p.stem)
+def test_every_recipe_trains_and_tests_on_a_slice_of_its_data(recipe, data_home, tmp_path):
+    run_dir = train(recipe, [*SMOKE, f"logging.run_root={tmp_path}"])
+    assert run_dir.parent == tmp_path / recipe.stem
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["validation"] and metrics["test"]
+    assert all(math.isfinite(v) for v in metrics["test"].values())
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert (run_dir / "recipe.yaml").is_file()
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["torch"].startswith("2.13") and len(env["data_hash"]) == 64
+
+
+def test_eval_reproduces_the_run_test_metrics(data_home, tmp_path):
+    run_dir = train(REPO / "recipes" / "deepfm.yaml", [*SMOKE, f"logging.run_root={tmp_path}"])
+    written = json.loads((run_dir / "metrics.json").read_text())["test"]
+    again = evaluate(run_dir)
+    assert again == pytest.approx(written, abs=1e-6)
+    assert json.loads((run_dir / "metrics.json").read_text())["test"] == written  # written once
+
+
+def test_several_seeds_report_mean_and_std(data_home, tmp_path):
+    root = train(REPO / "recipes" / "deepfm.yaml", [*SMOKE, f"logging.run_root={tmp_path}"], seeds=2)
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["seeds"] == [42, 43]
+    auc = summary["test"]["auc"]
+    assert len(auc["values"]) == 2 and auc["values"][0] != auc["values"][1]
+    assert auc["mean"] == pytest.approx(sum(auc["values"]) / 2)
+    assert auc["std"] > 0
+
+
+RESUME_ARGS = [
+    "recipes/sasrec.yaml",
+    "model.dim=32",
+    "train.max_epochs=2",
+    "train.batch_size=128",
+    "train.limit_train_batches=24",
+    "train.checkpoint_every_n_steps=4",
+    "train.limit_eval_batches=2",
+    "eval.batch_size=2048",
+    "logging.progress_bar=false",
+]
+
+
+def test_killed_run_resumes_to_the_same_test_metrics(data_home, tmp_path):
+    reference = run_rex("train", *RESUME_ARGS, f"logging.run_root={tmp_path / 'straight'}")
+    assert reference.returncode == 0, reference.stderr
+    (straight_dir,) = (tmp_path / "straight" / "sasrec").iterdir()
+    expected = json.loads((straight_dir / "metrics.json").read_text())["test"]
+
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "rex.cli", "train", *RESUME_ARGS, f"logging.run_root={tmp_path / 'killed'}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    last = None
+    while time.monotonic() < deadline and child.poll() is None:
+        found = list((tmp_path / "killed").glob("sasrec/*/checkpoints/last.ckpt"))
+        if found:
+            last = found[0]
+            break
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert last is not None, "the run ended before its first mid-epoch checkpoint"
+    killed_dir = last.parent.parent
+    state = torch.load(last, weights_only=True)
+    done = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"]
+    assert 0 < done < 24, f"the kill should land mid-epoch, checkpoint is at batch {done}"
+    assert not (killed_dir / "metrics.json").exists() or "test" not in json.loads(
+        (killed_dir / "metrics.json").read_text()
+    )
+
+    resumed = run_rex("train", "--resume", str(killed_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    got = json.loads((killed_dir / "metrics.json").read_text())["test"]
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert got[name] == pytest.approx(expected[name], abs=1e-6), name
+
+
+def test_resume_refuses_a_finished_run_and_a_non_run(tmp_path, data_home):
+    result = run_rex("train", "--resume", str(tmp_path))
+    assert result.returncode == 2 and "not a run folder" in result.stderr
