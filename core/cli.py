@@ -85,10 +85,10 @@ def validate(
     for path in files:
         try:
             summary = validate_recipe(path)
-            out.print(f"ok   {path}  {summary}", markup=False, highlight=False)
+            out.print(f"ok   {path}  {summary}", markup=False, highlight=False, soft_wrap=True)
         except RexError as exc:
             failures += 1
-            out.print(f"fail {exc}", markup=False, highlight=False)
+            out.print(f"fail {exc}", markup=False, highlight=False, soft_wrap=True)
     if failures:
         raise typer.Exit(code=2)
 

@@ -25,7 +25,12 @@ class RexModule(L.LightningModule):
     """Runs ``model(batch) -> outputs`` and sums the recipe's weighted loss components."""
 
     def __init__(
-        self, model: nn.Module, losses: list[WeightedLoss], evaluator: Evaluator, train: TrainConfig
+        self,
+        model: nn.Module,
+        losses: list[WeightedLoss],
+        evaluator: Evaluator,
+        train: TrainConfig,
+        monitor: str,
     ) -> None:
         super().__init__()
         self.model = model
@@ -33,6 +38,7 @@ class RexModule(L.LightningModule):
         self.losses = losses
         self.evaluator = evaluator
         self.train_config = train
+        self.monitor = monitor
         self._last_step_end: float | None = None
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -69,7 +75,8 @@ class RexModule(L.LightningModule):
         self.evaluator.update(self.model, batch)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict({f"val/{k}": v for k, v in self.evaluator.compute().items()}, prog_bar=True)
+        for name, value in self.evaluator.compute().items():
+            self.log(f"val/{name}", value, prog_bar=name == self.monitor)
 
     def on_test_epoch_start(self) -> None:
         self.evaluator.reset()

@@ -82,7 +82,7 @@ def build_run(recipe: Recipe, seed: int, source: str) -> Built:
     except RecipeError as exc:
         exc.file = exc.file or source
         raise
-    module = RexModule(model, losses, make_evaluator(recipe), recipe.train)
+    module = RexModule(model, losses, make_evaluator(recipe), recipe.train, str(recipe.eval.monitor))
     return Built(datamodule, module, data_hash(dataset_dir))
 
 

@@ -257,7 +257,7 @@ def test_components_build_through_registry() -> None:
         assert isinstance(module, nn.Module), key
 
     # A parent receiving the MLP as a factory (a Factory[nn.Module] argument) supplies in_dim.
-    tower = ComponentFactory(lookup("mlp"), {"hidden": [4]}, "model.tower")
+    tower = ComponentFactory(lookup("mlp"), {"hidden": [4]}, "model.tower", {})
     assert tower(in_dim=6)(torch.randn(2, 6)).shape == (2, 4)
 
 
