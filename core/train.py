@@ -224,7 +224,7 @@ def train(recipe_path: str | Path, overrides: list[str], seeds: int | None = Non
     loaded = load_recipe(recipe_path, overrides)
     recipe = loaded.recipe
     seed_list = [recipe.seeds[0] + i for i in range(seeds)] if seeds else recipe.seeds
-    root = new_run_dir(Path(recipe.logging.run_root), recipe.name)
+    root = new_run_dir(Path(recipe.logging.run_root).resolve(), recipe.name)
     if len(seed_list) == 1:
         result = run_one(loaded, seed_list[0], root)
         print_summary(recipe, [result], root)
@@ -242,6 +242,7 @@ def train(recipe_path: str | Path, overrides: list[str], seeds: int | None = Non
 
 def resume(run_dir: Path) -> Path:
     """``rex train --resume RUN_DIR``: continue from ``checkpoints/last.ckpt`` with the run's recipe."""
+    run_dir = run_dir.resolve()
     recipe_file = run_dir / RECIPE_FILE
     if not recipe_file.is_file():
         raise RexError(
@@ -269,7 +270,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def print_summary(recipe: Recipe, results: list[dict[str, Any]], root: Path) -> None:
-    table = Table(title=f"{recipe.name} on {recipe.data.name} · test metrics (best validation checkpoint)")
+    table = Table(title=f"{recipe.name} · {recipe.data.name} · test (best val. checkpoint)")
     table.add_column("metric")
     if len(results) == 1:
         table.add_column("test", justify="right")

@@ -38,8 +38,10 @@ def test_every_recipe_trains_and_tests_on_a_slice_of_its_data(recipe, data_home,
     assert env["torch"].startswith("2.13") and len(env["data_hash"]) == 64
 
 
-def test_eval_reproduces_the_run_test_metrics(data_home, tmp_path):
-    run_dir = train(REPO / "recipes" / "deepfm.yaml", [*SMOKE, f"logging.run_root={tmp_path}"])
+def test_eval_reproduces_the_run_test_metrics(data_home, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default, relative run root
+    run_dir = train(REPO / "recipes" / "deepfm.yaml", SMOKE)
+    assert run_dir.is_relative_to(tmp_path / "runs" / "deepfm")
     written = json.loads((run_dir / "metrics.json").read_text())["test"]
     again = evaluate(run_dir)
     assert again == pytest.approx(written, abs=1e-6)
