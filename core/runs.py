@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,13 @@ class MetricsRecorder(Callback):
         for key in ("test", "best", "train"):
             if key in existing:
                 self.data[key] = existing[key]
+        # Elapsed time carries over a resume, so "time to reach a metric" stays comparable.
+        validated = self.data["validation"]
+        self._elapsed_before = validated[-1].get("elapsed_s", 0.0) if validated else 0.0
+        self._fit_start = time.perf_counter()
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
 
     def _save(self) -> None:
         atomic_write_json(self.path, self.data)
@@ -116,7 +124,13 @@ class MetricsRecorder(Callback):
             for k, v in trainer.callback_metrics.items()
             if k.startswith("val/")
         }
-        record = {"epoch": trainer.current_epoch, "step": trainer.global_step, **values}
+        elapsed = self._elapsed_before + time.perf_counter() - self._fit_start
+        record = {
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "elapsed_s": round(elapsed, 2),
+            **values,
+        }
         # A resumed run may validate an epoch again; keep one record per epoch.
         self.data["validation"] = [r for r in self.data["validation"] if r["epoch"] != record["epoch"]]
         self.data["validation"].append(record)
