@@ -144,6 +144,39 @@ def data_info(name: str) -> None:
     typer.echo(dataset_info(name))
 
 
+@data_app.command("features")
+def data_features(
+    names: Annotated[list[str], typer.Argument(help="datasets with item text (see params.yaml)")],
+    force: Annotated[bool, typer.Option(help="re-encode even if cached")] = False,
+) -> None:
+    """Embed item texts with MiniLM into the feature cache (computed once per text set)."""
+    from rex.data.features import prepare_features
+
+    for name in names:
+        path = prepare_features(name, force=force)
+        out.print(
+            f"[green]{name}[/green]: MiniLM item-text features at {path}", highlight=False, soft_wrap=True
+        )
+
+
+@data_app.command("import")
+def data_import(
+    mapping: Annotated[Path, typer.Argument(help="YAML mapping of your files' columns to roles")],
+) -> None:
+    """Import CSV, Parquet or RecBole atomic files as a dataset (then: rex train RECIPE data.name=NAME)."""
+    from rex.data.importer import import_dataset
+
+    imported = import_dataset(mapping)
+    schema = imported.schema
+    out.print(
+        f"[green]{schema.name}[/green]: {schema.num_users - 1} users, {schema.num_items - 1} items, "
+        f"views {', '.join(schema.views)}, tables {', '.join(f'{t}={n}' for t, n in schema.tables.items())}"
+        f" at {imported.directory}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 def main() -> None:
     try:
         app()

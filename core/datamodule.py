@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +15,25 @@ from rex.config import Recipe
 from rex.data.lance_io import RaggedColumn, read_columns
 from rex.data.schema import DatasetSchema, ViewSpec, load_schema
 from rex.errors import DataError
-from rex.loader import BatchLoader
-
-SPLITS = ("train", "valid", "test")
+from rex.loader import BatchLoader, Column, Ragged
 
 
-def _tensor(column: Any, max_len: int) -> Tensor:
+def _column(column: Any, max_len: int) -> Column:
     if isinstance(column, RaggedColumn):
-        return torch.from_numpy(np.ascontiguousarray(column.padded(max_len)))
+        return Ragged(_tensor(column.values), _tensor(column.offsets), max_len)
+    return _tensor(column)
+
+
+def _tensor(column: Any) -> Tensor:
     array = np.asarray(column)
-    if array.dtype.kind == "f":
-        return torch.from_numpy(array.astype(np.float32))
-    return torch.from_numpy(array.astype(np.int64))
+    array = np.asarray(array, dtype=np.float32 if array.dtype.kind == "f" else np.int64)
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    # A zero-copy view of Arrow's read-only buffer. Loaders only ever read their columns
+    # (index_select makes each batch), so sharing the buffer is safe and saves a copy of the data.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 class RexDataModule(L.LightningDataModule):
@@ -76,36 +84,37 @@ class RexDataModule(L.LightningDataModule):
             )
         return self.dataset_dir / f"{name}.lance"
 
-    def _columns(self, split: str) -> dict[str, Tensor]:
+    def _columns(self, split: str) -> dict[str, Column]:
         max_len = self.recipe.data.max_len
         path = self._table(split)
         if self.recipe.data.view == "sequence" and split == "train":
             raw = read_columns(path, ["user", "items"])
-            padded = _tensor(raw["items"], max_len + 1)
+            items = raw["items"]
+            assert isinstance(items, RaggedColumn)
+            # One row per user, shifted by one position: small enough to pad once.
+            padded = torch.from_numpy(np.ascontiguousarray(items.padded(max_len + 1), dtype=np.int64))
             inputs = padded[:, :-1].contiguous()
             targets = torch.where(inputs > 0, padded[:, 1:], torch.zeros_like(inputs))
             keep = (targets > 0).any(dim=1)
-            return {"user": _tensor(raw["user"], 0)[keep], "items": inputs[keep], "targets": targets[keep]}
+            return {"user": _tensor(raw["user"])[keep], "items": inputs[keep], "targets": targets[keep]}
         names = [
             name for name, spec in self.view.fields.items() if spec.kind != "sequence" or name == "history"
         ]
         if self.recipe.data.view == "sequence":
             names = ["user", "history", "target"]
         raw = read_columns(path, names)
-        return {name: _tensor(column, max_len) for name, column in raw.items()}
+        # Column by column, dropping each Arrow-backed array once copied, so the peak is the
+        # data plus one column rather than twice the data.
+        return {name: _column(raw.pop(name), max_len) for name in list(raw)}
 
-    def setup(self, stage: str | None = None) -> None:
-        for split in SPLITS:
-            if split in self._loaders:
-                continue
+    def loader(self, split: str) -> BatchLoader:
+        """The split's loader, read from Lance on first use (a test split is not read to train)."""
+        if split not in self._loaders:
             train = split == "train"
             batch_size = self.recipe.train.batch_size if train else self.recipe.eval.batch_size
             self._loaders[split] = BatchLoader(
                 self._columns(split), batch_size, shuffle=train, seed=self.seed
             )
-
-    def loader(self, split: str) -> BatchLoader:
-        self.setup()
         return self._loaders[split]
 
     def train_dataloader(self) -> BatchLoader:

@@ -36,18 +36,50 @@ class EpochShuffle:
         return torch.randperm(self.num_rows, generator=generator)
 
 
+class Ragged:
+    """Variable-length id lists as flat ``values`` and row ``offsets`` (rows + 1), kept unpadded.
+
+    ``gather(index)`` returns the rows' last ``max_len`` ids as a (B, W) matrix left-padded with
+    0, where W is the longest of those rows: padding costs memory per batch, not per dataset.
+    """
+
+    def __init__(self, values: Tensor, offsets: Tensor, max_len: int) -> None:
+        self.values = values
+        self.offsets = offsets
+        self.max_len = max_len
+
+    def __len__(self) -> int:
+        return self.offsets.shape[0] - 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.offsets.nbytes
+
+    def gather(self, index: Tensor) -> Tensor:
+        ends = self.offsets[index + 1]
+        lengths = (ends - self.offsets[index]).clamp(max=self.max_len)
+        width = max(int(lengths.max()) if index.numel() else 0, 1)
+        columns = torch.arange(width)
+        source = ends[:, None] - width + columns[None, :]
+        valid = columns[None, :] >= (width - lengths)[:, None]
+        return torch.where(valid, self.values[source.clamp(min=0)], 0)
+
+
+Column = Tensor | Ragged
+
+
 class BatchLoader:
     """Iterable of dict batches over equal-length column tensors.
 
-    2-D (sequence) columns are left-padded with 0; each batch trims them to the longest
-    sequence in the batch. ``skip_batches(epoch, n)`` makes the next pass over ``epoch`` start
+    Sequence columns are either :class:`Ragged` or left-padded 2-D tensors; either way a batch
+    holds them padded only to the longest sequence in the batch. ``skip_batches(epoch, n)`` makes the next pass over ``epoch`` start
     at batch ``n`` (used when resuming mid-epoch).
     """
 
     def __init__(
-        self, columns: Mapping[str, Tensor], batch_size: int, *, shuffle: bool = False, seed: int = 0
+        self, columns: Mapping[str, Column], batch_size: int, *, shuffle: bool = False, seed: int = 0
     ) -> None:
-        sizes = {name: column.shape[0] for name, column in columns.items()}
+        sizes = {name: len(column) for name, column in columns.items()}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"columns differ in length: {sizes}")
         self.columns = dict(columns)
@@ -74,7 +106,13 @@ class BatchLoader:
                 start = batches
         for first in range(start * self.batch_size, self.num_rows, self.batch_size):
             index = order[first : first + self.batch_size]
-            yield {name: _trim(column.index_select(0, index)) for name, column in self.columns.items()}
+            yield {name: _select(column, index) for name, column in self.columns.items()}
+
+
+def _select(column: Column, index: Tensor) -> Tensor:
+    if isinstance(column, Ragged):
+        return column.gather(index)
+    return _trim(column.index_select(0, index))
 
 
 def _trim(column: Tensor) -> Tensor:

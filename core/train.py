@@ -225,19 +225,30 @@ def train(recipe_path: str | Path, overrides: list[str], seeds: int | None = Non
     recipe = loaded.recipe
     seed_list = [recipe.seeds[0] + i for i in range(seeds)] if seeds else recipe.seeds
     root = new_run_dir(Path(recipe.logging.run_root).resolve(), recipe.name)
-    if len(seed_list) == 1:
-        result = run_one(loaded, seed_list[0], root)
-        print_summary(recipe, [result], root)
-        return root
-    results = []
-    for seed in seed_list:
-        run_dir = root / f"seed-{seed}"
-        run_dir.mkdir()
-        console.rule(f"{recipe.name} · seed {seed}")
-        results.append(run_one(loaded, seed, run_dir))
-    atomic_write_json(root / "summary.json", summarize(results))
+    try:
+        if len(seed_list) == 1:
+            results = [run_one(loaded, seed_list[0], root)]
+        else:
+            results = []
+            for seed in seed_list:
+                run_dir = root / f"seed-{seed}"
+                run_dir.mkdir()
+                console.rule(f"{recipe.name} · seed {seed}")
+                results.append(run_one(loaded, seed, run_dir))
+            atomic_write_json(root / "summary.json", summarize(results))
+    except RexError:
+        _remove_if_empty(root)
+        raise
     print_summary(recipe, results, root)
     return root
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """A run that failed before writing anything (a data error, say) leaves no folder behind."""
+    if all(p.is_dir() for p in run_dir.rglob("*")):
+        for folder in sorted(run_dir.rglob("*"), reverse=True):
+            folder.rmdir()
+        run_dir.rmdir()
 
 
 def resume(run_dir: Path) -> Path:

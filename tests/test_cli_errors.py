@@ -79,9 +79,10 @@ def test_bad_cli_flag():
 
 def test_missing_data_mirror(tmp_path):
     env = {"REX_DATA_MIRROR": str(tmp_path / "no-mirror"), "REX_DATA_HOME": str(tmp_path / "data")}
-    result = run_rex("train", "recipes/sasrec.yaml", env=env)
+    result = run_rex("train", "recipes/sasrec.yaml", f"logging.run_root={tmp_path / 'runs'}", env=env)
     assert_clean_error(result, "no data mirror at", "REX_DATA_MIRROR")
     assert not (tmp_path / "data" / "beauty").exists()  # nothing half-built is left behind
+    assert not list((tmp_path / "runs" / "sasrec").glob("*"))  # and no empty run folder
 
 
 def test_corrupt_lance_table(tmp_path, data_home):
@@ -90,7 +91,9 @@ def test_corrupt_lance_table(tmp_path, data_home):
     table = home / "beauty" / "seq_train.lance"
     for data_file in (table / "data").iterdir():
         data_file.write_bytes(b"not a lance file" * 4)
-    result = run_rex("train", "recipes/sasrec.yaml", "train.max_epochs=1", env={"REX_DATA_HOME": str(home)})
+    result = run_rex(
+        "train", "recipes/sasrec.yaml", f"logging.run_root={tmp_path}", env={"REX_DATA_HOME": str(home)}
+    )
     assert_clean_error(result, "seq_train.lance", "rex data prepare")
 
 

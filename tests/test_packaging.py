@@ -24,5 +24,7 @@ def test_rex_imports_and_no_generic_top_level_module_is_installed(tmp_path):
         "import importlib.util, rex, rex.components, rex.cli;"
         "print(importlib.util.find_spec('core'), importlib.util.find_spec('components'))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "None None"

@@ -2,7 +2,8 @@
 
 Tables are written atomically (a killed write never leaves a half table in place) and read
 column-wise into numpy: scalar columns as 1-D arrays, list columns as a :class:`RaggedColumn`
-(flat values plus offsets), which pads a batch with index arithmetic instead of a Python loop.
+(flat values plus offsets), which pads a batch with index arithmetic instead of a Python loop,
+and fixed-size list columns (vectors) as ``rows x dim`` arrays.
 """
 
 from __future__ import annotations
@@ -80,6 +81,15 @@ class RaggedColumn:
         return out
 
     @classmethod
+    def concat(cls, columns: list[RaggedColumn]) -> RaggedColumn:
+        """The rows of every column, in order, as one column."""
+        lengths = np.concatenate([column.lengths() for column in columns])
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        values = np.concatenate([column.values[: column.offsets[-1]] for column in columns])
+        return cls(values.astype(np.int64, copy=False), offsets)
+
+    @classmethod
     def from_lists(cls, lists: list[list[int]]) -> RaggedColumn:
         """Build from Python lists (for tests and small hand-made inputs)."""
         lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
@@ -142,7 +152,8 @@ def _rebuild_hint(path: Path) -> str:
 def read_columns(path: Path, columns: list[str]) -> dict[str, Column]:
     """Read ``columns`` of the Lance table at ``path`` into numpy.
 
-    Scalar columns become 1-D arrays; list columns become :class:`RaggedColumn`. Every failure
+    Scalar columns become 1-D arrays; list columns become :class:`RaggedColumn`; fixed-size list
+    columns become ``rows x dim`` arrays of their value type. Every failure
     (missing table, missing column, unreadable files) is a :class:`DataError` naming the path.
     """
     path = Path(path)
@@ -160,8 +171,9 @@ def read_columns(path: Path, columns: list[str]) -> dict[str, Column]:
             f"{path}: no column {', '.join(missing)} (columns: {', '.join(names)}); {_rebuild_hint(path)}"
         )
     try:
-        table = dataset.to_table(columns=list(columns))
-        return {name: _to_numpy(table.column(name)) for name in columns}
+        # One column at a time: the Arrow copy of a column is freed once it is numpy, so reading
+        # holds the data plus one column, not the data twice.
+        return {name: _to_numpy(dataset.to_table(columns=[name]).column(name)) for name in columns}
     except BaseException as exc:
         _reraise_interrupts(exc)
         raise DataError(f"{path}: cannot read table ({_first_line(exc)}); {_rebuild_hint(path)}") from exc
@@ -173,7 +185,18 @@ def _to_numpy(column: pa.ChunkedArray) -> Column:
         offsets = np.asarray(array.offsets, dtype=np.int64)
         values = array.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
         return RaggedColumn(values, offsets - offsets[0])
+    if pa.types.is_fixed_size_list(array.type):
+        flat = array.flatten().to_numpy(zero_copy_only=False)
+        return flat.reshape(len(array), array.type.list_size)
     return array.to_numpy(zero_copy_only=False)
+
+
+def vector_column(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    """A ``rows x dim`` float array as an arrow ``fixed_size_list<float32>[dim]`` column."""
+    matrix = np.ascontiguousarray(vectors, dtype=np.float32)
+    if matrix.ndim != 2:
+        raise ValueError(f"expected a rows x dim array, got shape {matrix.shape}")
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
 
 
 def _reraise_interrupts(exc: BaseException) -> None:

@@ -1,8 +1,9 @@
 """Raw dataset files: the offline mirror first, the upstream URLs second.
 
-Each raw source is one archive in the shared data mirror (``../shared/data``). The archive is a
-byte copy of files in a public repository at a fixed commit, so without a mirror the same layout
-is rebuilt by downloading every member from that commit and checking its sha256.
+Each raw source is one archive in the shared data mirror (``../shared/data``): a tar archive, or
+a single compressed file (``.xz``, ``.gz``, ``.bz2``), decompressed into a directory of its own.
+The archive is a byte copy of files in a public repository at a fixed commit, so without a mirror
+the same layout is rebuilt by downloading every member from that commit and checking its sha256.
 
 :func:`fetch` returns a directory holding the extracted layout. It is placed atomically (built
 in a temporary directory beside the target, then renamed), so a killed fetch never leaves a
@@ -11,7 +12,10 @@ half-extracted directory that a later call would trust.
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
+import lzma
 import os
 import shutil
 import sys
@@ -21,12 +25,15 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 from rex.errors import DataError
 
 MIRROR_ENV = "REX_DATA_MIRROR"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 _CHUNK = 1 << 20
+_TAR_SUFFIXES = (".tar.xz", ".tar.gz", ".tgz", ".tar")
+_DECOMPRESSORS: dict[str, Callable[..., IO[Any]]] = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
 
 
 @dataclass(frozen=True)
@@ -47,13 +54,30 @@ class RawSource:
     members: list[Member] = field(default_factory=list)
 
     @property
+    def single_file(self) -> str | None:
+        """For a single compressed file (not a tar): its name once decompressed, else None."""
+        if self.archive.endswith(_TAR_SUFFIXES):
+            return None
+        for suffix in _DECOMPRESSORS:
+            if self.archive.endswith(suffix):
+                return self.archive[: -len(suffix)]
+        return None
+
+    @property
     def stem(self) -> str:
-        """The archive name without its compression suffixes (the extracted directory's name)."""
+        """The extracted directory's name: the archive name without its compression suffixes
+        (and, for a single compressed file, without its own extension: ``x.tsv.xz`` -> ``x``)."""
         name = self.archive
-        for suffix in (".tar.xz", ".tar.gz", ".tgz", ".tar"):
+        for suffix in _TAR_SUFFIXES:
             if name.endswith(suffix):
                 return name[: -len(suffix)]
-        return name
+        single = self.single_file
+        return Path(single).stem if single is not None else name
+
+
+def members(folder: str, base_url: str, sha256s: dict[str, str]) -> list[Member]:
+    """Members ``<folder>/<name>`` of a source, downloaded from ``<base_url>/<name>``."""
+    return [Member(f"{folder}/{name}", f"{base_url}/{name}", sha256) for name, sha256 in sha256s.items()]
 
 
 _RECBOLE = "https://github.com/RUCAIBox/RecBole/raw/7b02be5e/recbole/dataset_example/ml-100k"
@@ -158,7 +182,7 @@ def fetch(source: RawSource, cache_dir: Path) -> Path:
     if archive is not None and archive.is_file():
         log(f"extracting {archive}")
         _verify_archive(archive, source.sha256)
-        _place(target, lambda tmp: _extract(archive, tmp))
+        _place(target, lambda tmp: _extract(archive, tmp, source.single_file))
     else:
         where = (
             f"no data mirror at {_mirror_candidates()[0]} (set {MIRROR_ENV})"
@@ -179,16 +203,27 @@ def _verify_archive(archive: Path, expected: str) -> None:
         )
 
 
-def _extract(archive: Path, dest: Path) -> None:
+def _extract(archive: Path, dest: Path, single_file: str | None = None) -> None:
+    """Extract a tar archive into ``dest``, or decompress a single file to ``dest/single_file``."""
     try:
+        if single_file is not None:
+            opener = _DECOMPRESSORS[archive.suffix]
+            with opener(archive, "rb") as source, open(dest / single_file, "wb") as out:
+                shutil.copyfileobj(source, out, _CHUNK)
+            return
         with tarfile.open(archive, "r:*") as tar:
             # The "data" filter refuses absolute paths, links out of dest and device files.
             tar.extractall(dest, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except (tarfile.TarError, lzma.LZMAError, OSError, EOFError) as exc:
         raise DataError(f"cannot extract: {exc}; re-copy the mirror file", file=str(archive)) from exc
 
 
 def _download_members(source: RawSource, dest: Path, where: str) -> None:
+    if not source.members:
+        raise DataError(
+            f"{where}, and {source.archive} has no upstream files to download (it is derived from "
+            "them): put it in the data mirror"
+        )
     for member in source.members:
         out = dest / member.path
         out.parent.mkdir(parents=True, exist_ok=True)

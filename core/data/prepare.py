@@ -18,12 +18,12 @@ import yaml
 from pydantic import ValidationError
 
 import rex.data.datasets  # noqa: F401  (registers the built-in datasets)
-from rex.data.build import DATASETS, DatasetDef, Params
+from rex.data.build import DATASETS, Built, DatasetDef, Params
 from rex.data.datasets.amazon import BeautyParams
 from rex.data.datasets.movielens import Ml100kParams
 from rex.data.lance_io import swap_into_place, write_table
 from rex.data.mirror import RawSource, fetch, log
-from rex.data.schema import DatasetSchema, data_hash, load_schema, save_schema
+from rex.data.schema import SCHEMA_FILE, DatasetSchema, data_hash, load_schema, save_schema
 from rex.errors import DataError
 
 __all__ = [
@@ -66,7 +66,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     return loaded
 
 
-def _validate_params(name: str, model: type[Params], raw: Any, file: str) -> Params:
+def validate_params(name: str, model: type[Params], raw: Any, file: str) -> Params:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -119,41 +119,17 @@ def _remove_stale(root: Path, name: str) -> None:
                 pass
 
 
-def prepare_dataset(
-    name: str, params: dict[str, Any] | None = None, root: Path | None = None, force: bool = False
+def write_dataset(
+    root: Path, name: str, built: Built, params: dict[str, Any], source: dict[str, Any]
 ) -> DatasetSchema:
-    """Build ``<root>/<name>/`` (Lance tables + schema.json) from the raw source.
+    """Write ``built`` as ``<root>/<name>/`` (Lance tables + schema.json) atomically.
 
-    ``params`` default to the ``<name>:`` section of ``params.yaml`` in the working directory;
-    missing keys take the defaults. An existing directory built from the same source, params
-    and prepare version is reused unless ``force``.
+    The whole directory is written beside the target (``.<name>.tmp-<pid>``) and swapped in by
+    renames, so the tables and the schema always belong together and a failed or killed write
+    leaves the previous directory (or none) in place.
     """
-    definition = _lookup(name)
-    if params is None:
-        raw_params, params_file = load_params().get(name), PARAMS_FILE
-    else:
-        raw_params, params_file = params, "params"
-    validated = _validate_params(name, definition.params, raw_params, params_file)
-    used = validated.model_dump(mode="json")
-    root = Path(root) if root is not None else data_root()
-    out = root / name
-
-    if not force and (out / "schema.json").is_file():
-        try:
-            existing = load_schema(out)
-        except DataError:
-            existing = None
-        if existing is not None and _is_current(out, existing, used, definition.source):
-            log(f"{name}: up to date at {out}")
-            return existing
-
-    started = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale(root, name)
-    raw = fetch(definition.source, root / RAW_DIR)
-    built = definition.build(raw, validated)
-    log(f"{name}: built {len(built.tables)} tables in {time.perf_counter() - started:.1f}s; writing")
-
     tmp = root / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -169,32 +145,82 @@ def prepare_dataset(
             views=built.views,
             tables={table_name: table.num_rows for table_name, table in built.tables.items()},
             counts=built.counts,
-            params=used,
-            source={"archive": definition.source.archive, "sha256": definition.source.sha256},
+            params=params,
+            source=source,
         )
         save_schema(tmp, schema)
-        swap_into_place(tmp, out)
+        swap_into_place(tmp, root / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return schema
+
+
+def prepare_dataset(
+    name: str, params: dict[str, Any] | None = None, root: Path | None = None, force: bool = False
+) -> DatasetSchema:
+    """Build ``<root>/<name>/`` (Lance tables + schema.json) from the raw source.
+
+    ``params`` default to the ``<name>:`` section of ``params.yaml`` in the working directory;
+    missing keys take the defaults. An existing directory built from the same source, params
+    and prepare version is reused unless ``force``.
+    """
+    definition = _lookup(name)
+    if params is None:
+        raw_params, params_file = load_params().get(name), PARAMS_FILE
+    else:
+        raw_params, params_file = params, "params"
+    validated = validate_params(name, definition.params, raw_params, params_file)
+    used = validated.model_dump(mode="json")
+    root = Path(root) if root is not None else data_root()
+    out = root / name
+
+    if not force and (out / "schema.json").is_file():
+        try:
+            existing = load_schema(out)
+        except DataError:
+            existing = None
+        if existing is not None and _is_current(out, existing, used, definition.source):
+            log(f"{name}: up to date at {out}")
+            return existing
+
+    started = time.perf_counter()
+    raw = fetch(definition.source, root / RAW_DIR)
+    built = definition.build(raw, validated)
+    log(f"{name}: built {len(built.tables)} tables in {time.perf_counter() - started:.1f}s; writing")
+    schema = write_dataset(
+        root,
+        name,
+        built,
+        params=used,
+        source={"archive": definition.source.archive, "sha256": definition.source.sha256},
+    )
     log(f"{name}: prepared at {out} in {time.perf_counter() - started:.1f}s")
     return schema
 
 
 def ensure_dataset(name: str, root: Path | None = None) -> Path:
-    """The prepared directory of ``name``, preparing it first if missing or out of date."""
+    """The prepared directory of ``name``, preparing it first if missing or out of date.
+
+    A dataset written by ``rex data import`` (not a registered name) has no raw source to
+    rebuild from: its directory is used as it is.
+    """
+    directory = (Path(root) if root is not None else data_root()) / name
+    if name not in DATASETS and (directory / SCHEMA_FILE).is_file():
+        return directory
     prepare_dataset(name, root=root)
-    return (Path(root) if root is not None else data_root()) / name
+    return directory
 
 
 def dataset_info(name: str, root: Path | None = None) -> str:
     """A text summary of a prepared dataset: source, sizes, counts, views and fields."""
-    _lookup(name)
     directory = (Path(root) if root is not None else data_root()) / name
+    if not (directory / SCHEMA_FILE).is_file():
+        _lookup(name)
     schema = load_schema(directory)
     lines = [
         f"{schema.name} (prepare v{schema.version}, protocol {schema.protocol}) at {directory}",
         f"  data hash  {data_hash(directory)[:16]}",
-        f"  source     {schema.source.get('archive')} sha256 {str(schema.source.get('sha256'))[:16]}",
+        f"  source     {schema.source.get('archive') or schema.source.get('import')} sha256 {str(schema.source.get('sha256'))[:16]}",
         f"  users      {schema.num_users - 1:,} (ids 1..N, num_users {schema.num_users})",
         f"  items      {schema.num_items - 1:,} (ids 1..N, num_items {schema.num_items})",
         "  params     " + ", ".join(f"{k}={v}" for k, v in schema.params.items()),

@@ -30,23 +30,31 @@ class FieldSpec(_Strict):
     """One column as a model sees it.
 
     ``role`` is what the field means to a model (``user``, ``item``, ``history``, ``label``,
-    ``target``, ``sequence``) or None for a plain feature. ``vocab_size`` is the embedding table
-    size of an id field (ids run 1..vocab_size-1; 0 is padding/unknown). ``vocab_of`` names the
-    id space whose embedding table the field shares (``item`` for a history of item ids).
+    ``target``, ``sequence``, ``behavior``, ``label:<behavior>``, ``modality:<name>``) or None for
+    a plain feature. ``vocab_size`` is the embedding table size of an id field (ids run
+    1..vocab_size-1; 0 is padding/unknown). ``vocab_of`` names the id space whose embedding table
+    the field shares (``item`` for a history of item ids). A ``vector`` field is a fixed-size
+    float32 vector per row (``dim`` entries), read as a ``rows x dim`` array.
     """
 
     role: str | None
-    kind: Literal["categorical", "sequence", "label", "float"]
+    kind: Literal["categorical", "sequence", "label", "float", "vector"]
     vocab_size: int | None = None
     vocab_of: str | None = None
+    dim: int | None = None
 
 
 class ViewSpec(_Strict):
-    """A way to train on the dataset: tables per split (``train``/``valid``/``test``) and fields."""
+    """A way to train on the dataset: tables per split (``train``/``valid``/``test``) and fields.
+
+    ``order`` says how the items of a sequence are ordered where that is not chronological
+    (None: by time).
+    """
 
     tables: dict[str, str]
     fields: dict[str, FieldSpec]
     protocol: str | None = None
+    order: str | None = None
 
 
 class DatasetSchema(_Strict):

@@ -1,30 +1,41 @@
-"""MovieLens datasets."""
+"""MovieLens datasets.
+
+* ``ml-100k``: RecBole's atomic files (ratings with timestamps, user and item features).
+* ``ml-1m``: all 1,000,209 (user, movie) pairs, without rating or timestamp, plus users.dat
+  and movies.dat. With no order and no labels, its ``ctr`` view is a seeded random split of the
+  pairs (protocol ``random_split``), each followed by sampled negatives, and has no history.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field, field_validator
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
 
 from rex.data.build import (
-    MIN_SEQUENCE,
     Built,
     Params,
-    ctr_table,
+    SplitFractions,
     ctr_view,
     encode,
-    leave_one_out,
     per_id,
-    previous_items,
+    random_split,
     read_atomic,
     register_dataset,
     remap,
     require_columns,
-    sequence_view,
+    sample_negatives,
+    split_tables,
+    with_negatives,
 )
+from rex.data.interactions import CtrSplit, SideFeatures, build_interactions
 from rex.data.lance_io import RaggedColumn
-from rex.data.mirror import ML100K_RECBOLE, log
+from rex.data.mirror import ML100K_RECBOLE, Member, RawSource, log
+from rex.errors import DataError
 
 
 class Ml100kParams(Params):
@@ -32,15 +43,8 @@ class Ml100kParams(Params):
 
     label_threshold: float = 4.0
     split_seed: int = 2024
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_fractions: SplitFractions = (0.8, 0.1, 0.1)
     ctr_max_history: int = Field(50, ge=1)
-
-    @field_validator("split_fractions")
-    @classmethod
-    def _fractions_sum_to_one(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
-        if min(value) < 0 or abs(sum(value) - 1.0) > 1e-9:
-            raise ValueError(f"train/valid/test fractions must be >= 0 and sum to 1, got {list(value)}")
-        return value
 
 
 @register_dataset("ml-100k", ML100K_RECBOLE, Ml100kParams)
@@ -49,90 +53,178 @@ def build_ml100k(raw: Path, params: Ml100kParams) -> Built:
     inter_path, user_path, item_path = (base / f"ml-100k.{s}" for s in ("inter", "user", "item"))
     inter = read_atomic(inter_path)
     require_columns(inter, ["user_id", "item_id", "rating", "timestamp"], inter_path)
-    users, user_keys = remap(inter["user_id"])
-    items, item_keys = remap(inter["item_id"])
-    rating, timestamp = inter["rating"], inter["timestamp"]
-    n_rows, num_users, num_items = len(users), len(user_keys) + 1, len(item_keys) + 1
-    log(f"ml-100k: {n_rows} interactions, {num_users - 1} users, {num_items - 1} items")
-
-    # Chronological order per user; equal timestamps (half the rows share one with another
-    # row of the same user) keep the file's order.
-    order = np.lexsort((np.arange(n_rows), timestamp, users))
-    per_user = np.bincount(users, minlength=num_users)[1:]
-    offsets = np.concatenate([[0], np.cumsum(per_user)]).astype(np.int64)
-    seqs = RaggedColumn(items[order], offsets)
-
-    keep = np.flatnonzero(per_user >= MIN_SEQUENCE)
-    tables = leave_one_out(keep + 1, seqs.take(keep))
-
-    # ctr: each rating is a row; its history is everything the user rated before it in the
-    # chronological order above, whichever split the earlier rows fall in.
-    position = np.empty(n_rows, dtype=np.int64)
-    position[order] = np.arange(n_rows)
-    history = previous_items(seqs, position, params.ctr_max_history)
-
     user_feat = read_atomic(user_path)
     require_columns(user_feat, ["user_id", "age", "gender", "occupation", "zip_code"], user_path)
     item_feat = read_atomic(item_path)
     require_columns(item_feat, ["item_id", "release_year", "class"], item_path)
+    # Two items carry no usable year ("unkonwn" for item 267, "V" for item 1412); "unknown" is
+    # MovieLens's own genre for a movie without one. Equal timestamps (half the rows share one
+    # with another row of the same user) keep the file's order.
     year = item_feat["release_year"].astype(str)
-    # Two items carry no usable year ("unkonwn" for item 267, "V" for item 1412).
     year = np.where((np.char.str_len(year) == 4) & np.char.isdigit(year), year, "")
-    genre = np.array([g.split(" ", 1)[0] for g in item_feat["class"].astype(str)])
-    columns: dict[str, np.ndarray] = {
-        "user": users,
-        "item": items,
-        "label": (rating >= params.label_threshold).astype(np.float32),
+    genre = np.char.partition(item_feat["class"].astype(str), " ")[:, 0]
+    return build_interactions(
+        "ml-100k",
+        inter["user_id"],
+        inter["item_id"],
+        inter["timestamp"],
+        (inter["rating"] >= params.label_threshold).astype(np.float32),
+        CtrSplit(params.split_fractions, params.split_seed, params.ctr_max_history),
+        user_features=SideFeatures(
+            user_feat["user_id"],
+            {
+                "age": user_feat["age"],
+                "gender": user_feat["gender"],
+                "occupation": user_feat["occupation"],
+                "zip": user_feat["zip_code"],
+            },
+            user_path,
+        ),
+        item_features=SideFeatures(
+            item_feat["item_id"],
+            {"release_year": year, "genre": genre},
+            item_path,
+            unknown={"genre": frozenset({"unknown"})},
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# ml-1m
+
+_AURA = "https://github.com/bigdataguide/AuraSparkTraining/raw/03ebfaf1/data/ml-1m"
+
+ML1M_PAIRS_META = RawSource(
+    archive="ml-1m_pairs_meta.tar.xz",
+    sha256="7a99834f48d7ddfefdf4470436859a3bc89c1fdb57ac0684dba52676d7eeca64",
+    members=[
+        Member(
+            "ml-1m/README",
+            f"{_AURA}/README",
+            "416e0b06d0ce900fb5a31f50941f05074f65b855fda9c4f4f1f8da2c56593439",
+        ),
+        Member(
+            "ml-1m/movies.dat",
+            f"{_AURA}/movies.dat",
+            "0140fc2356357c1a851d0f52e893a1e4d3696df632c4141cea8d5bc3d621f0b9",
+        ),
+        Member(
+            "ml-1m/ratings.parquet",
+            f"{_AURA}/ratings.parquet",
+            "b354c7081dd0a6ca6b2711d6ae48d057ade864332ae90e28856372997d88994f",
+        ),
+        Member(
+            "ml-1m/users.dat",
+            f"{_AURA}/users.dat",
+            "1dc3a95300cb19f7c10e027daf29b8cdf1d908dab65b5edfb45950aa389a10a3",
+        ),
+    ],
+)
+
+ZIP_PREFIX = 3  # the zip feature keeps a zip code's first 3 digits (its US sectional centre)
+_YEAR = re.compile(r"\((\d{4})\)\s*$")
+
+
+class Ml1mParams(Params):
+    """Params of ``ml-1m`` (section ``ml-1m:`` of params.yaml)."""
+
+    split_seed: int = 2024
+    split_fractions: SplitFractions = (0.8, 0.1, 0.1)
+    neg_ratio: int = Field(1, ge=1)
+    neg_seed: int = 2024
+
+
+def _read_dat(path: Path, names: list[str], encoding: str) -> dict[str, np.ndarray]:
+    """Read a MovieLens ``a::b::c`` file into string columns."""
+    try:
+        lines = path.read_text(encoding=encoding).splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read: {exc}", file=str(path)) from exc
+    rows = [line.split("::") for line in lines if line]
+    for number, row in enumerate(rows, start=1):
+        if len(row) != len(names):
+            raise DataError(
+                f"line {number}: expected {len(names)} '::'-separated fields ({', '.join(names)}), "
+                f"got {len(row)}",
+                file=str(path),
+            )
+    return {
+        name: np.array(column, dtype=str) for name, column in zip(names, zip(*rows, strict=True), strict=True)
+    }
+
+
+@register_dataset("ml-1m", ML1M_PAIRS_META, Ml1mParams)
+def build_ml1m(raw: Path, params: Ml1mParams) -> Built:
+    """The ``ctr`` view of ml-1m: every pair a positive, in a seeded random split, followed by
+    ``neg_ratio`` negatives the user never interacted with, with user and movie features.
+
+    The pairs carry no timestamp, so there is no order: no sequence view and no history.
+    """
+    base = raw / "ml-1m"
+    pairs_path, user_path, movie_path = base / "ratings.parquet", base / "users.dat", base / "movies.dat"
+    try:
+        pairs = pq.read_table(pairs_path, columns=["userID", "movieID"])
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"cannot read the userID and movieID columns: {exc}", file=str(pairs_path)) from exc
+    users, user_keys = remap(pairs.column("userID").to_numpy(zero_copy_only=False))
+    items, item_keys = remap(pairs.column("movieID").to_numpy(zero_copy_only=False))
+    n_rows, num_users, num_items = len(users), len(user_keys) + 1, len(item_keys) + 1
+    log(f"ml-1m: {n_rows} interactions, {num_users - 1} users, {num_items - 1} items")
+
+    # Each user's items (row u - 1 holds user u), to draw negatives outside them.
+    per_user = np.bincount(users, minlength=num_users)[1:]
+    seqs = RaggedColumn(items[np.argsort(users, kind="stable")], np.concatenate([[0], np.cumsum(per_user)]))
+    rng = np.random.default_rng(params.neg_seed)
+    negatives = sample_negatives(seqs, users - 1, params.neg_ratio, 1, num_items, rng)
+    # Each positive row is followed by its negatives, which share its user.
+    item_col, label = with_negatives(items, negatives)
+    user_col = np.repeat(users, 1 + params.neg_ratio)
+    columns: dict[str, np.ndarray] = {"user": user_col, "item": item_col, "label": label}
+
+    user_meta = _read_dat(user_path, ["user_id", "gender", "age", "occupation", "zip"], "utf-8")
+    # movies.dat is Latin-1 (accented titles).
+    movie_meta = _read_dat(movie_path, ["item_id", "title", "genres"], "latin-1")
+    user_features = {
+        "age": user_meta["age"],
+        "gender": user_meta["gender"],
+        "occupation": user_meta["occupation"],
+        "zip": np.array([code[:ZIP_PREFIX] for code in user_meta["zip"]]),
+    }
+    years = [match.group(1) if (match := _YEAR.search(title)) else "" for title in movie_meta["title"]]
+    item_features = {
+        "release_year": np.array(years),
+        "genre": np.array([genres.split("|")[0] for genres in movie_meta["genres"]]),
     }
     features: dict[str, int] = {}
-    user_meta = {
-        "age": user_feat["age"],
-        "gender": user_feat["gender"],
-        "occupation": user_feat["occupation"],
-        "zip": user_feat["zip_code"],
-    }
-    item_meta = {"release_year": year, "genre": genre}
     for meta, meta_ids, id_keys, ids, path in (
-        (user_meta, user_feat["user_id"], user_keys, users, user_path),
-        (item_meta, item_feat["item_id"], item_keys, items, item_path),
+        (user_features, user_meta["user_id"], user_keys, user_col, user_path),
+        (item_features, movie_meta["item_id"], item_keys, item_col, movie_path),
     ):
         for column, tokens in meta.items():
-            # "unknown" is MovieLens's own genre for a movie without one.
-            unknown = frozenset({"unknown"}) if column == "genre" else frozenset()
-            codes, size = encode(tokens, unknown=unknown)
+            codes, size = encode(tokens)
             columns[column] = per_id(meta_ids, codes, id_keys, path)[ids]
             features[column] = size
 
-    rng = np.random.default_rng(params.split_seed)
-    perm = rng.permutation(n_rows)
-    n_train = round(params.split_fractions[0] * n_rows)
-    n_valid = round(params.split_fractions[1] * n_rows)
-    splits = {
-        "ctr_train": perm[:n_train],
-        "ctr_valid": perm[n_train : n_train + n_valid],
-        "ctr_test": perm[n_train + n_valid :],
-    }
-    for table_name, rows in splits.items():
-        tables[table_name] = ctr_table(columns, history, np.sort(rows))
-
+    split = np.repeat(random_split(n_rows, params.split_fractions, params.split_seed), 1 + params.neg_ratio)
+    view = ctr_view(num_users, num_items, features, protocol="random_split")
+    del view.fields["history"]  # no timestamps: the order of a user's items is unknown
     counts = {
         "raw_users": num_users - 1,
         "raw_items": num_items - 1,
         "raw_interactions": n_rows,
-        "users": len(keep),
-        "items": int(np.unique(seqs.take(keep).values).size),
-        "interactions": int(per_user[keep].sum()),
-        "dropped_users_short": int(num_users - 1 - len(keep)),
-        "ctr_positives": int(columns["label"].sum()),
+        "users_metadata": len(user_meta["user_id"]),
+        "movies_metadata": len(movie_meta["item_id"]),
+        "users": num_users - 1,
+        "items": num_items - 1,
+        "interactions": n_rows,
+        "ctr_positives": n_rows,
+        "ctr_negatives": int(negatives.size),
     }
     return Built(
-        tables=tables,
-        protocol="leave_one_out",
+        tables=split_tables(columns, split),
+        protocol="random_split",
         num_users=num_users,
         num_items=num_items,
-        views={
-            "sequence": sequence_view(num_users, num_items),
-            "ctr": ctr_view(num_users, num_items, features, protocol="random"),
-        },
+        views={"ctr": view},
         counts=counts,
     )

@@ -1,0 +1,53 @@
+"""Batches by index arithmetic: ragged gathering, trimming, epoch order and mid-epoch skip."""
+
+from __future__ import annotations
+
+import torch
+
+from rex.loader import BatchLoader, Ragged
+
+# rows: [1, 2, 3], [], [4], [5, 6, 7, 8, 9]
+VALUES = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9])
+OFFSETS = torch.tensor([0, 3, 3, 4, 9])
+
+
+def test_ragged_gather_keeps_the_last_items_left_padded_to_the_batch_maximum():
+    ragged = Ragged(VALUES, OFFSETS, max_len=4)
+    assert len(ragged) == 4
+    got = ragged.gather(torch.tensor([3, 0, 1]))
+    assert got.tolist() == [[6, 7, 8, 9], [0, 1, 2, 3], [0, 0, 0, 0]]
+    assert ragged.gather(torch.tensor([2, 0])).tolist() == [[0, 0, 4], [1, 2, 3]]
+    assert ragged.gather(torch.tensor([1])).tolist() == [[0]]  # an empty row still has width 1
+
+
+def test_dense_sequences_are_trimmed_to_the_batch_maximum():
+    dense = torch.tensor([[0, 0, 0, 1], [0, 0, 2, 3], [0, 4, 5, 6]])
+    loader = BatchLoader({"history": dense, "user": torch.tensor([1, 2, 3])}, batch_size=2)
+    first, second = list(loader)
+    assert first["history"].tolist() == [[0, 1], [2, 3]]
+    assert second["history"].tolist() == [[4, 5, 6]]
+
+
+def test_epoch_order_depends_on_seed_and_epoch_and_skip_resumes_mid_epoch():
+    column = {"user": torch.arange(10)}
+    loader = BatchLoader(column, batch_size=3, shuffle=True, seed=7)
+    assert len(loader) == 4
+    loader.sampler.set_epoch(0)
+    epoch0 = [b["user"].tolist() for b in loader]
+    assert sorted(sum(epoch0, [])) == list(range(10))
+    assert [b["user"].tolist() for b in loader] == epoch0  # same epoch, same order
+    loader.sampler.set_epoch(1)
+    epoch1 = [b["user"].tolist() for b in loader]
+    assert epoch1 != epoch0
+    loader.sampler.set_epoch(0)
+    loader.skip_batches(epoch=0, batches=2)
+    assert [b["user"].tolist() for b in loader] == epoch0[2:]
+    loader.skip_batches(epoch=5, batches=2)  # a skip for another epoch does not apply
+    assert [b["user"].tolist() for b in loader] == epoch0
+
+
+def test_ragged_and_dense_columns_batch_together():
+    loader = BatchLoader({"history": Ragged(VALUES, OFFSETS, 2), "label": torch.arange(4.0)}, batch_size=4)
+    (batch,) = list(loader)
+    assert batch["history"].tolist() == [[2, 3], [0, 0], [0, 4], [8, 9]]
+    assert batch["label"].tolist() == [0.0, 1.0, 2.0, 3.0]
