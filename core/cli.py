@@ -120,6 +120,15 @@ def show(recipe: Path, overrides: Overrides = None) -> None:
     typer.echo(load_recipe(recipe, overrides or []).to_yaml(), nl=False)
 
 
+@data_app.command("fetch")
+def data_fetch(names: Annotated[list[str], typer.Argument(help="dataset names (see params.yaml)")]) -> None:
+    """Fetch raw files (mirror or checksum-verified download) into data/_raw/."""
+    from rex.data.prepare import fetch_dataset
+
+    for name in names:
+        out.print(f"{name}: raw files at {fetch_dataset(name)}", markup=False, soft_wrap=True)
+
+
 @data_app.command("prepare")
 def data_prepare(
     names: Annotated[list[str], typer.Argument(help="dataset names (see params.yaml)")],

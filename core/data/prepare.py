@@ -198,6 +198,13 @@ def prepare_dataset(
     return schema
 
 
+def fetch_dataset(name: str, root: Path | None = None) -> Path:
+    """Fetch and verify the raw source of ``name`` into ``<root>/_raw/`` (the ``fetch`` stage)."""
+    source = _lookup(name).source
+    root = Path(root) if root is not None else data_root()
+    return fetch(source, root / RAW_DIR)
+
+
 def ensure_dataset(name: str, root: Path | None = None) -> Path:
     """The prepared directory of ``name``, preparing it first if missing or out of date.
 
