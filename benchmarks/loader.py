@@ -79,10 +79,7 @@ def _datamodule(dataset: str, view: str, batch_size: int, seed: int) -> Any:
 
 def rex_loader(dataset: str, view: str, batch_size: int, seed: int) -> Any:
     """Training's own path for the train split: Lance -> numpy -> tensors -> BatchLoader."""
-    from rex.loader import BatchLoader
-
-    datamodule = _datamodule(dataset, view, batch_size, seed)
-    return BatchLoader(datamodule._columns("train"), batch_size, shuffle=True, seed=seed)
+    return _datamodule(dataset, view, batch_size, seed).loader("train")
 
 
 class PandasLoader:

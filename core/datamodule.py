@@ -36,6 +36,15 @@ def _tensor(column: Any) -> Tensor:
         return torch.from_numpy(array)
 
 
+def next_item_pairs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Sequences (B, W + 1) → ``items`` (B, W) inputs and ``targets`` (B, W), the next item at
+    each position (0 where the input is padding), so the loss covers every position."""
+    sequences = batch["items"]
+    inputs = sequences[:, :-1]
+    targets = torch.where(inputs > 0, sequences[:, 1:], 0)
+    return {**batch, "items": inputs, "targets": targets}
+
+
 class RexDataModule(L.LightningDataModule):
     """Reads the recipe's view (``sequence`` or ``ctr``) of a prepared dataset.
 
@@ -91,12 +100,12 @@ class RexDataModule(L.LightningDataModule):
             raw = read_columns(path, ["user", "items"])
             items = raw["items"]
             assert isinstance(items, RaggedColumn)
-            # One row per user, shifted by one position: small enough to pad once.
-            padded = torch.from_numpy(np.ascontiguousarray(items.padded(max_len + 1), dtype=np.int64))
-            inputs = padded[:, :-1].contiguous()
-            targets = torch.where(inputs > 0, padded[:, 1:], torch.zeros_like(inputs))
-            keep = (targets > 0).any(dim=1)
-            return {"user": _tensor(raw["user"])[keep], "items": inputs[keep], "targets": targets[keep]}
+            keep = np.flatnonzero(items.lengths() >= 2)  # an input and a next item at least
+            return {
+                "user": _tensor(np.asarray(raw["user"])[keep]),
+                # max_len inputs and their next items: batches split this in next_item_pairs
+                "items": _column(items.take(keep), max_len + 1),
+            }
         names = [
             name for name, spec in self.view.fields.items() if spec.kind != "sequence" or name == "history"
         ]
@@ -112,8 +121,13 @@ class RexDataModule(L.LightningDataModule):
         if split not in self._loaders:
             train = split == "train"
             batch_size = self.recipe.train.batch_size if train else self.recipe.eval.batch_size
+            pairs = train and self.recipe.data.view == "sequence"
             self._loaders[split] = BatchLoader(
-                self._columns(split), batch_size, shuffle=train, seed=self.seed
+                self._columns(split),
+                batch_size,
+                shuffle=train,
+                seed=self.seed,
+                transform=next_item_pairs if pairs else None,
             )
         return self._loaders[split]
 

@@ -7,7 +7,7 @@ Python work per row, no per-epoch reread, and memory that does not grow with epo
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -77,7 +77,13 @@ class BatchLoader:
     """
 
     def __init__(
-        self, columns: Mapping[str, Column], batch_size: int, *, shuffle: bool = False, seed: int = 0
+        self,
+        columns: Mapping[str, Column],
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        transform: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
     ) -> None:
         sizes = {name: len(column) for name, column in columns.items()}
         if len(set(sizes.values())) != 1:
@@ -86,6 +92,7 @@ class BatchLoader:
         self.batch_size = batch_size
         self.num_rows = next(iter(sizes.values()))
         self.sampler = EpochShuffle(self.num_rows, seed, shuffle)
+        self.transform = transform
         self.batch_sampler = None  # Lightning inspects loaders as it would a torch DataLoader
         self._resume: tuple[int, int] | None = None
 
@@ -106,7 +113,8 @@ class BatchLoader:
                 start = batches
         for first in range(start * self.batch_size, self.num_rows, self.batch_size):
             index = order[first : first + self.batch_size]
-            yield {name: _select(column, index) for name, column in self.columns.items()}
+            batch = {name: _select(column, index) for name, column in self.columns.items()}
+            yield self.transform(batch) if self.transform is not None else batch
 
 
 def _select(column: Column, index: Tensor) -> Tensor:
