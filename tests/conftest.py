@@ -12,9 +12,6 @@ import pytest
 from rex.data.mirror import mirror_dir
 
 REPO = Path(__file__).resolve().parents[1]
-needs_mirror = pytest.mark.skipif(
-    mirror_dir() is None, reason="no data mirror (../shared/data or REX_DATA_MIRROR)"
-)
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,7 @@ pytestmark = pytest.mark.skipif(
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One prepared copy of both datasets, with default params, shared by this module."""
     path = tmp_path_factory.mktemp("data")
-    for name in DATASETS:
+    for name in ("ml-100k", "beauty"):
         prepare_dataset(name, params={}, root=path)
     return path
 
