@@ -68,6 +68,7 @@ class RexDataModule(L.LightningDataModule):
             )
         self.view: ViewSpec = view
         self._loaders: dict[str, BatchLoader] = {}
+        self._item_features: dict[str, Tensor] | None = None
 
     # ------------------------------------------------------------------ what models may ask for
     def context(self) -> dict[str, Any]:
@@ -82,7 +83,32 @@ class RexDataModule(L.LightningDataModule):
             "num_users": self.schema.num_users,
             "fields": fields,
             "max_len": self.recipe.data.max_len,
+            "item_features": self.item_features(),
         }
+
+    def item_features(self) -> dict[str, Tensor]:
+        """Each ``modality:NAME`` vector of the ``items`` view as a float32 (num_items, d) tensor
+        indexed by item id, keyed by NAME; row 0 (padding) and items without a row are zeros.
+        Empty when the dataset has no ``items`` view. Read once and kept: several components
+        of one model share the same tensors."""
+        if self._item_features is None:
+            self._item_features = {}
+            view = self.schema.views.get("items")
+            vectors = {
+                name: spec.role.split(":", 1)[1]
+                for name, spec in (view.fields.items() if view else [])
+                if spec.kind == "vector" and spec.role and spec.role.startswith("modality:")
+            }
+            if view is not None and vectors:
+                path = self.dataset_dir / f"{view.tables['all']}.lance"
+                raw = read_columns(path, ["item", *vectors])
+                ids = _tensor(raw["item"])
+                for column, modality in vectors.items():
+                    values = _tensor(raw[column])
+                    table = torch.zeros(self.schema.num_items, values.shape[1])
+                    table[ids] = values
+                    self._item_features[modality] = table
+        return self._item_features
 
     # ------------------------------------------------------------------ loading
     def _table(self, split: str) -> Path:
