@@ -5,9 +5,12 @@ missing from the registry because of import order.
 """
 
 from rex import metrics  # noqa: F401
-from rex.components.attention import target  # noqa: F401
+from rex.components.attention import cross, target  # noqa: F401
+from rex.components.denoisers import conditional, schedule, synergy  # noqa: F401
 from rex.components.embeddings import field  # noqa: F401
 from rex.components.encoders import mlp, modality_table, transformer  # noqa: F401
+from rex.components.experts import bank  # noqa: F401
+from rex.components.gates import fdaf, router, sigmoid  # noqa: F401
 from rex.components.interactions import fm  # noqa: F401
-from rex.components.losses import classification  # noqa: F401
+from rex.components.losses import classification, contrastive, decouple, diffusion  # noqa: F401
 from rex.components.models import ctr, sequential  # noqa: F401
