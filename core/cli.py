@@ -120,6 +120,37 @@ def show(recipe: Path, overrides: Overrides = None) -> None:
     typer.echo(load_recipe(recipe, overrides or []).to_yaml(), nl=False)
 
 
+@app.command()
+def sweep(
+    spec: Annotated[Path, typer.Argument(help="sweep spec YAML (see docs/sweeps.md)")],
+    overrides: Overrides = None,
+    trials: Annotated[int | None, typer.Option(min=1, help="trials in the study in all (spec: trials)")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="local worker processes sharing the study")] = 1,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted study")] = False,
+    timeout: Annotated[float | None, typer.Option(min=1, help="seconds after which no trial starts")] = None,
+    seeds: Annotated[int | None, typer.Option(min=1, help="seeds of the best trial's re-run on test")] = None,
+    test: Annotated[bool, typer.Option(help="re-run the best trial's recipe on test at the end")] = True,
+    export_best: Annotated[
+        bool, typer.Option(help="only write the best trial as a recipe override file (no trials)")
+    ] = False,
+    export_to: Annotated[Path | None, typer.Option(help="--export-best target (default SPEC_DIR/NAME.best.yaml)")] = None,
+    params_yaml: Annotated[
+        Path | None, typer.Option(help="--export-best: also write the parameters into this params.yaml")
+    ] = None,
+) -> None:
+    """Optuna study over a recipe: trials select on validation, the best is re-run on test."""
+    from rex import sweep as sweeping
+
+    if export_best:
+        target = sweeping.export_best(spec, export_to, params_yaml)
+        out.print(f"best trial written to {target}", markup=False, highlight=False, soft_wrap=True)
+        return
+    sweeping.sweep(
+        spec, overrides or [], trials=trials, workers=workers, resume=resume, timeout=timeout,
+        test_seeds=seeds, test=test,
+    )
+
+
 @data_app.command("fetch")
 def data_fetch(names: Annotated[list[str], typer.Argument(help="dataset names (see params.yaml)")]) -> None:
     """Fetch raw files (mirror or checksum-verified download) into data/_raw/."""

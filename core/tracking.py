@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import lightning as L
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from rich.console import Console
 
 from rex.config import WandbConfig
+from rex.runs import METRICS_FILE
+
+BEST_CKPT = "best.ckpt"
 
 console = Console(stderr=True)
 
@@ -42,3 +49,62 @@ def wandb_logger(cfg: WandbConfig, run_dir: Path, name: str) -> Logger | None:
     except Exception as exc:  # tracking is optional: a W&B problem must not stop training
         console.print(f"[yellow]W&B logging disabled: {type(exc).__name__}: {exc}[/yellow]")
         return None
+
+
+def _wandb_loggers(trainer: L.Trainer) -> list[Any]:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
+class WandbRunInfo(Callback):
+    """Sends the resolved recipe and the data version hash as the W&B run's config, and closes
+    the W&B run when training fails (a pruned sweep trial, say), so the next run in the same
+    process starts its own W&B run instead of appending to this one."""
+
+    def __init__(self, config: dict[str, Any], data_hash: str, run_dir: Path) -> None:
+        self.config = config
+        self.data_hash = data_hash
+        self.run_dir = run_dir
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for logger in _wandb_loggers(trainer):
+            _safely(
+                "config",
+                lambda lg=logger: lg.experiment.config.update(
+                    {"recipe": self.config, "data_hash": self.data_hash, "run_dir": str(self.run_dir)},
+                    allow_val_change=True,
+                ),
+            )
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        for logger in _wandb_loggers(trainer):
+            _safely("finish", lambda lg=logger: lg.experiment.finish(exit_code=1))
+
+
+def finish_wandb(trainer: L.Trainer, run_dir: Path) -> None:
+    """Upload the best checkpoint and metrics.json as one artifact (queued for ``wandb sync``
+    when offline), then close the W&B run."""
+    for logger in _wandb_loggers(trainer):
+
+        def upload(lg: Any = logger) -> None:
+            import wandb
+
+            experiment = lg.experiment
+            artifact = wandb.Artifact(name=f"run-{experiment.id}", type="rex-run")
+            for name in (METRICS_FILE, f"checkpoints/{BEST_CKPT}"):
+                if (run_dir / name).is_file():
+                    artifact.add_file(str(run_dir / name), name=name)
+            experiment.log_artifact(artifact)
+
+        _safely("artifacts", upload)
+        _safely("finish", lambda lg=logger: lg.experiment.finish())
+
+
+def _safely(what: str, action: Callable[[], Any]) -> None:
+    try:
+        action()
+    except Exception as exc:  # tracking is optional: a W&B problem must not stop training
+        console.print(f"[yellow]W&B {what} skipped: {type(exc).__name__}: {exc}[/yellow]")

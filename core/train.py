@@ -6,6 +6,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,8 +140,20 @@ def _trainer(recipe: Recipe, run_dir: Path, callbacks: list[Callback]) -> L.Trai
     )
 
 
-def run_one(loaded: LoadedRecipe, seed: int, run_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """Train one seed into ``run_dir`` (or continue it), then test the best checkpoint once."""
+def run_one(
+    loaded: LoadedRecipe,
+    seed: int,
+    run_dir: Path,
+    resume: bool = False,
+    extra_callbacks: Sequence[Callback] = (),
+    test: bool = True,
+) -> dict[str, Any]:
+    """Train one seed into ``run_dir`` (or continue it), then test the best checkpoint once.
+
+    ``extra_callbacks`` run after the metrics recorder (a sweep's pruning callback sees an epoch
+    only once it is in metrics.json). ``test=False`` leaves the test split untouched: sweep
+    trials select on validation only, and only the final re-run of the best trial is tested.
+    """
     recipe = loaded.recipe
     quiet_lightning()
     if recipe.train.num_threads:
@@ -185,7 +198,11 @@ def run_one(loaded: LoadedRecipe, seed: int, run_dir: Path, resume: bool = False
     }
     recorder = MetricsRecorder(run_dir, header)
     throughput = Throughput()
-    callbacks += [recorder, throughput]
+    callbacks += [recorder, throughput, *extra_callbacks]
+    if recipe.logging.wandb is not None:
+        from rex.tracking import WandbRunInfo
+
+        callbacks.append(WandbRunInfo({**loaded.resolved, "seed": seed}, built.data_hash, run_dir))
     trainer = _trainer(recipe, run_dir, callbacks)
     started = time.perf_counter()
     last = ckpt_dir / "last.ckpt"
@@ -196,7 +213,6 @@ def run_one(loaded: LoadedRecipe, seed: int, run_dir: Path, resume: bool = False
             "training was interrupted; continue it with `rex train --resume RUN_DIR`", file=str(run_dir)
         )
     best_path = best.best_model_path or str(last)
-    test = trainer.test(built.module, datamodule=built.datamodule, ckpt_path=best_path, verbose=False)[0]
     previous_train = recorder.data.get("train", {})
     recorder.record(
         "best",
@@ -211,7 +227,13 @@ def run_one(loaded: LoadedRecipe, seed: int, run_dir: Path, resume: bool = False
             "global_steps": trainer.global_step,
         },
     )
-    recorder.record("test", {k.removeprefix("test/"): float(v) for k, v in test.items()})
+    if test:
+        tested = trainer.test(built.module, datamodule=built.datamodule, ckpt_path=best_path, verbose=False)
+        recorder.record("test", {k.removeprefix("test/"): float(v) for k, v in tested[0].items()})
+    if recipe.logging.wandb is not None:
+        from rex.tracking import finish_wandb
+
+        finish_wandb(trainer, run_dir)
     return recorder.data
 
 
