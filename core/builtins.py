@@ -13,4 +13,4 @@ from rex.components.experts import bank  # noqa: F401
 from rex.components.gates import fdaf, router, sigmoid  # noqa: F401
 from rex.components.interactions import fm  # noqa: F401
 from rex.components.losses import classification, contrastive, decouple, diffusion  # noqa: F401
-from rex.components.models import ctr, sequential  # noqa: F401
+from rex.components.models import ctr, diff_msin, m3bsr, sequential  # noqa: F401

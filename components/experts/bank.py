@@ -39,7 +39,8 @@ class _Transformer(nn.Module):
 class ExpertBank(nn.Module):
     """One specific expert per named stream plus ``num_shared`` experts over the streams' mean.
 
-    ``forward(x: (B, K, L, dim) or (B, K, dim), mask: (B, L) bool True = valid) ->
+    ``forward(x: (B, K, L, dim) or (B, K, dim), mask: (B, L) or per stream (B, K, L) bool,
+    True = valid) ->
     (B, K + num_shared, L, dim)`` (or (B, K + num_shared, dim)): expert k sees stream k only;
     shared experts see the mean of all K streams. Each expert is a residual MLP (Diff-MSIN's
     interest extractors) or a bidirectional transformer. ``streams`` names the K inputs in order;
@@ -82,8 +83,12 @@ class ExpertBank(nn.Module):
             raise ValueError(
                 f"expected {len(self.streams)} streams ({', '.join(self.streams)}), got {x.shape[1]}"
             )
-        outputs = [expert(x[:, k], mask) for k, expert in enumerate(self.specific.values())]
+        per_stream = mask is not None and mask.dim() == 3
+        masks = [mask[:, k] if per_stream else mask for k in range(x.shape[1])]  # type: ignore[index]
+        outputs = [expert(x[:, k], masks[k]) for k, expert in enumerate(self.specific.values())]
+        # Shared experts see a position that any stream has.
+        union = mask.any(dim=1) if per_stream else mask  # type: ignore[union-attr]
         mean = x.mean(dim=1)
-        outputs += [expert(mean, mask) for expert in self.shared]
+        outputs += [expert(mean, union) for expert in self.shared]
         out = torch.stack(outputs, dim=1)
         return out.squeeze(2) if single else out
