@@ -180,12 +180,13 @@ def test_ml100k_ctr_history_is_the_users_earlier_items(
     root: Path, ml_raw: list[tuple[int, int, float, float]], ml_sequences: dict[int, list[int]]
 ) -> None:
     table = _read(root, "ml-100k", "ctr_valid", ["user", "item", "history"])
+    cap = Ml100kParams().ctr_max_history
     for r in range(0, len(table["user"]), 7):
         user, item = int(table["user"][r]), int(table["item"][r])
         seq = ml_sequences[user]
         position = seq.index(item)
-        assert table["history"].row(r).tolist() == seq[max(0, position - 50) : position]
-    assert table["history"].lengths().max() == 50
+        assert table["history"].row(r).tolist() == seq[max(0, position - cap) : position]
+    assert table["history"].lengths().max() == cap
 
 
 # ---------------------------------------------------------------- ctr view, beauty
@@ -282,8 +283,9 @@ def test_failed_build_keeps_the_old_dataset(
     with pytest.raises(RuntimeError, match="killed"):
         prepare_dataset("ml-100k", params={"ctr_max_history": 10}, root=tmp_path)
     assert data_hash(tmp_path / "ml-100k") == before
-    assert load_schema(tmp_path / "ml-100k").params["ctr_max_history"] == 50
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["_raw", "ml-100k"]
+    assert load_schema(tmp_path / "ml-100k").params["ctr_max_history"] == Ml100kParams().ctr_max_history
+    # _features holds the MiniLM title vectors, computed before any table is written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_features", "_raw", "ml-100k"]
 
 
 def test_params_errors_and_unknown_dataset(tmp_path: Path) -> None:

@@ -31,10 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from pydantic import Field
 
 from rex.data.build import DATASETS, Params
+from rex.data.lance_io import vector_column
 from rex.data.mirror import RawSource, fetch, log, sha256_file
+from rex.data.schema import FieldSpec, ViewSpec
 from rex.errors import DataError
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -227,3 +230,22 @@ def prepare_features(name: str, root: Path | None = None, force: bool = False) -
     raw = fetch(entry.source, root / RAW_DIR)
     minilm_features(name, entry.texts(raw), root / FEATURES_DIR, params.text_batch_size, force=force)
     return cache_paths(name, root / FEATURES_DIR)[0]
+
+
+def items_view(num_items: int, vectors: dict[str, tuple[str, np.ndarray]]) -> tuple[pa.Table, ViewSpec]:
+    """The ``items`` table and view of item vectors: ``vectors`` maps a column name to its role
+    (``modality:NAME``) and an ``items x dim`` array whose row ``i`` is item id ``i + 1``."""
+    table = pa.table(
+        {
+            "item": pa.array(np.arange(1, num_items, dtype=np.int64)),
+            **{name: vector_column(array) for name, (_, array) in vectors.items()},
+        }
+    )
+    fields = {
+        "item": FieldSpec(role="item", kind="categorical", vocab_size=num_items),
+        **{
+            name: FieldSpec(role=role, kind="vector", dim=array.shape[1])
+            for name, (role, array) in vectors.items()
+        },
+    }
+    return table, ViewSpec(tables={"all": "items"}, fields=fields)

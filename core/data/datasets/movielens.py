@@ -1,6 +1,8 @@
 """MovieLens datasets.
 
-* ``ml-100k``: RecBole's atomic files (ratings with timestamps, user and item features).
+* ``ml-100k``: RecBole's atomic files (ratings with timestamps, user and item features), plus
+  an ``items`` view whose ``text_minilm`` vectors are MiniLM embeddings of each movie's title and
+  genres (:mod:`rex.data.features`, cached under ``_features/ml-100k_minilm``).
 * ``ml-1m``: all 1,000,209 (user, movie) pairs, without rating or timestamp, plus users.dat
   and movies.dat. With no order and no labels, its ``ctr`` view is a seeded random split of the
   pairs (protocol ``random_split``), each followed by sampled negatives, and has no history.
@@ -9,6 +11,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,38 +35,59 @@ from rex.data.build import (
     split_tables,
     with_negatives,
 )
+from rex.data.features import TextParams, features_root, items_view, minilm_features, register_texts
 from rex.data.interactions import CtrSplit, SideFeatures, build_interactions
 from rex.data.lance_io import RaggedColumn
 from rex.data.mirror import ML100K_RECBOLE, Member, RawSource, log
 from rex.errors import DataError
 
 
-class Ml100kParams(Params):
+class Ml100kParams(TextParams):
     """Params of ``ml-100k`` (section ``ml-100k:`` of params.yaml)."""
 
     label_threshold: float = 4.0
     split_seed: int = 2024
     split_fractions: SplitFractions = (0.8, 0.1, 0.1)
-    ctr_max_history: int = Field(50, ge=1)
+    # Long enough for DMGIN's grouped lifelong histories (the longest ml-100k user has 737
+    # ratings); recipes cut it back with data.max_len.
+    ctr_max_history: int = Field(256, ge=1)
+
+
+def _ml100k_items(raw: Path) -> tuple[Path, dict[str, np.ndarray], np.ndarray]:
+    """(path, columns, order): the item file and the row order that sorts it by numeric item id."""
+    item_path = raw / "ml-100k" / "ml-100k.item"
+    item_feat = read_atomic(item_path)
+    require_columns(item_feat, ["item_id", "movie_title", "release_year", "class"], item_path)
+    _, keys = remap(item_feat["item_id"])
+    if len(keys) != len(item_feat["item_id"]):
+        raise DataError("item ids are not unique", file=str(item_path))
+    return item_path, item_feat, np.argsort(keys)
+
+
+@register_texts("ml-100k", ML100K_RECBOLE)
+def ml100k_texts(raw: Path) -> list[str]:
+    """``"<title>. Genres: <g1>, <g2>"`` per movie, in numeric item id order."""
+    _, item_feat, order = _ml100k_items(raw)
+    titles, genres = item_feat["movie_title"][order], item_feat["class"][order]
+    return [f"{t}. Genres: {', '.join(str(g).split())}" for t, g in zip(titles, genres, strict=True)]
 
 
 @register_dataset("ml-100k", ML100K_RECBOLE, Ml100kParams)
 def build_ml100k(raw: Path, params: Ml100kParams) -> Built:
     base = raw / "ml-100k"
-    inter_path, user_path, item_path = (base / f"ml-100k.{s}" for s in ("inter", "user", "item"))
+    inter_path, user_path = (base / f"ml-100k.{s}" for s in ("inter", "user"))
     inter = read_atomic(inter_path)
     require_columns(inter, ["user_id", "item_id", "rating", "timestamp"], inter_path)
     user_feat = read_atomic(user_path)
     require_columns(user_feat, ["user_id", "age", "gender", "occupation", "zip_code"], user_path)
-    item_feat = read_atomic(item_path)
-    require_columns(item_feat, ["item_id", "release_year", "class"], item_path)
+    item_path, item_feat, order = _ml100k_items(raw)
     # Two items carry no usable year ("unkonwn" for item 267, "V" for item 1412); "unknown" is
     # MovieLens's own genre for a movie without one. Equal timestamps (half the rows share one
     # with another row of the same user) keep the file's order.
     year = item_feat["release_year"].astype(str)
     year = np.where((np.char.str_len(year) == 4) & np.char.isdigit(year), year, "")
     genre = np.char.partition(item_feat["class"].astype(str), " ")[:, 0]
-    return build_interactions(
+    built = build_interactions(
         "ml-100k",
         inter["user_id"],
         inter["item_id"],
@@ -87,6 +111,18 @@ def build_ml100k(raw: Path, params: Ml100kParams) -> Built:
             unknown={"genre": frozenset({"unknown"})},
         ),
     )
+    # Text row j belongs to the j-th smallest raw item id; rex item ids are the rated items'
+    # raw ids remapped in numeric order, so each id finds its row by its raw key.
+    text = minilm_features("ml-100k", ml100k_texts(raw), features_root(raw), params.text_batch_size)
+    _, item_keys = remap(inter["item_id"])
+    raw_sorted = item_feat["item_id"][order].astype(np.int64)
+    rows = np.searchsorted(raw_sorted, item_keys)
+    if (rows >= len(raw_sorted)).any() or not np.array_equal(
+        raw_sorted[np.minimum(rows, len(raw_sorted) - 1)], item_keys
+    ):
+        raise DataError("rated items missing from the item file", file=str(item_path))
+    table, view = items_view(built.num_items, {"text_minilm": ("modality:text_minilm", text[rows])})
+    return replace(built, tables={**built.tables, "items": table}, views={**built.views, "items": view})
 
 
 # --------------------------------------------------------------------------------------------
