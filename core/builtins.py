@@ -6,11 +6,12 @@ missing from the registry because of import order.
 
 from rex import metrics  # noqa: F401
 from rex.components.attention import cross, target  # noqa: F401
+from rex.components.clustering import kmeans  # noqa: F401
 from rex.components.denoisers import conditional, schedule, synergy  # noqa: F401
 from rex.components.embeddings import field  # noqa: F401
-from rex.components.encoders import mlp, modality_table, transformer  # noqa: F401
+from rex.components.encoders import hierarchical, mlp, modality_table, sim_bucket, transformer  # noqa: F401
 from rex.components.experts import bank  # noqa: F401
 from rex.components.gates import fdaf, router, sigmoid  # noqa: F401
 from rex.components.interactions import fm  # noqa: F401
-from rex.components.losses import classification, contrastive, decouple, diffusion  # noqa: F401
-from rex.components.models import ctr, diff_msin, m3bsr, sequential  # noqa: F401
+from rex.components.losses import classification, contrastive, decouple, diffusion, reconstruction  # noqa: F401
+from rex.components.models import ctr, diff_msin, dmae, dmgin, m3bsr, sequential  # noqa: F401

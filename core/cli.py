@@ -199,6 +199,19 @@ def data_features(
         )
 
 
+@data_app.command("clusters")
+def data_clusters(
+    names: Annotated[list[str], typer.Argument(help="prepared datasets with item vectors (see params.yaml)")],
+    force: Annotated[bool, typer.Option(help="recompute even if cached")] = False,
+) -> None:
+    """Group items by balanced K-means over their vectors (params.yaml clusters:), cached once."""
+    from rex.data.clusters import prepare_clusters
+
+    for name in names:
+        path = prepare_clusters(name, force=force)
+        out.print(f"[green]{name}[/green]: item groups at {path}", highlight=False, soft_wrap=True)
+
+
 @data_app.command("import")
 def data_import(
     mapping: Annotated[Path, typer.Argument(help="YAML mapping of your files' columns to roles")],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ import torch
 from torch import Tensor
 
 from rex.config import Recipe
+from rex.data.clusters import item_groups
+from rex.data.features import item_vectors
 from rex.data.lance_io import RaggedColumn, read_columns
 from rex.data.schema import DatasetSchema, ViewSpec, load_schema
 from rex.errors import DataError
@@ -45,6 +48,25 @@ def next_item_pairs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return {**batch, "items": inputs, "targets": targets}
 
 
+class LazyContext(Mapping[str, Any]):
+    """Context values where a callable is computed on first lookup, then kept."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self._values = values
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._values[key]
+        if callable(value):
+            value = self._values[key] = value()
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
 class RexDataModule(L.LightningDataModule):
     """Reads the recipe's view (``sequence`` or ``ctr``) of a prepared dataset.
 
@@ -71,43 +93,32 @@ class RexDataModule(L.LightningDataModule):
         self._item_features: dict[str, Tensor] | None = None
 
     # ------------------------------------------------------------------ what models may ask for
-    def context(self) -> dict[str, Any]:
+    def context(self) -> Mapping[str, Any]:
         """Values the builder passes to components that declare them (``num_items``, ``fields``...)."""
         fields = {
             name: spec.vocab_size
             for name, spec in self.view.fields.items()
             if spec.kind == "categorical" and spec.vocab_size is not None
         }
-        return {
-            "num_items": self.schema.num_items,
-            "num_users": self.schema.num_users,
-            "fields": fields,
-            "max_len": self.recipe.data.max_len,
-            "item_features": self.item_features(),
-        }
+        return LazyContext(
+            {
+                "num_items": self.schema.num_items,
+                "num_users": self.schema.num_users,
+                "fields": fields,
+                "max_len": self.recipe.data.max_len,
+                # Computed on first use only: a recipe pays for what its components ask for.
+                "item_features": self.item_features,
+                "item_groups": lambda: torch.from_numpy(item_groups(self.dataset_dir)),
+            }
+        )
 
     def item_features(self) -> dict[str, Tensor]:
         """Each ``modality:NAME`` vector of the ``items`` view as a float32 (num_items, d) tensor
-        indexed by item id, keyed by NAME; row 0 (padding) and items without a row are zeros.
-        Empty when the dataset has no ``items`` view. Read once and kept: several components
-        of one model share the same tensors."""
+        indexed by item id, keyed by NAME; row 0 (padding) is zeros. Empty without an ``items``
+        view. Read once and kept: several components of one model share the same tensors."""
         if self._item_features is None:
-            self._item_features = {}
-            view = self.schema.views.get("items")
-            vectors = {
-                name: spec.role.split(":", 1)[1]
-                for name, spec in (view.fields.items() if view else [])
-                if spec.kind == "vector" and spec.role and spec.role.startswith("modality:")
-            }
-            if view is not None and vectors:
-                path = self.dataset_dir / f"{view.tables['all']}.lance"
-                raw = read_columns(path, ["item", *vectors])
-                ids = _tensor(raw["item"])
-                for column, modality in vectors.items():
-                    values = _tensor(raw[column])
-                    table = torch.zeros(self.schema.num_items, values.shape[1])
-                    table[ids] = values
-                    self._item_features[modality] = table
+            vectors = item_vectors(self.dataset_dir, self.schema)
+            self._item_features = {name: torch.from_numpy(array) for name, array in vectors.items()}
         return self._item_features
 
     # ------------------------------------------------------------------ loading

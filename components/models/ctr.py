@@ -17,6 +17,11 @@ class CTRModel(nn.Module):
     ``interest: attention/target`` it is DIN. Batch: one (B,) id tensor per categorical field,
     plus ``history`` (B, L) item ids (left-padded with 0) when ``interest`` is set.
     Returns ``logit`` (B,).
+
+    With ``modality`` (an ``encoder/modality_table`` node, built once per name in
+    ``modalities``), every item (the target and each history item) is its id embedding
+    concatenated with its projected modality vectors, so target attention compares items by
+    content as well as by id (din_mm).
     """
 
     def __init__(
@@ -28,6 +33,8 @@ class CTRModel(nn.Module):
         interest: Factory[nn.Module] | None = None,
         linear: bool = False,
         use_fields: list[str] | None = None,
+        modality: Factory[nn.Module] | None = None,
+        modalities: list[str] | None = None,
     ) -> None:
         super().__init__()
         if use_fields is not None:
@@ -35,28 +42,41 @@ class CTRModel(nn.Module):
             if unknown:
                 raise ValueError(f"use_fields {unknown} are not in the dataset's fields {sorted(fields)}")
             fields = {name: fields[name] for name in use_fields}
-        if interest is not None and "item" not in fields:
-            raise ValueError("interest (target attention) needs the 'item' field")
+        if (interest is not None or modalities) and "item" not in fields:
+            raise ValueError("interest (target attention) and modalities need the 'item' field")
+        if bool(modalities) != (modality is not None):
+            raise ValueError("modality (an encoder/modality_table node) and modalities go together")
         self.embed = embed(fields=fields)
         dim = self.embed.dim
         self.item_slot = list(fields).index("item") if "item" in fields else -1
-        self.interest = interest(dim=dim) if interest is not None else None
-        width = len(fields) * dim + (dim if self.interest is not None else 0)
+        self.modality_tables = nn.ModuleList(
+            modality(modality=name) for name in (modalities or []) if modality is not None
+        )
+        extra = sum(table.dim for table in self.modality_tables)
+        self.interest = interest(dim=dim + extra) if interest is not None else None
+        width = len(fields) * dim + extra + (dim + extra if self.interest is not None else 0)
         self.tower = tower(in_dim=width)
         self.head = nn.Linear(self.tower.out_dim, 1)
         self.interaction = interaction() if interaction is not None else None
         self.first_order = FieldEmbedding(fields, dim=1) if linear else None
         self.bias = nn.Parameter(torch.zeros(1)) if linear else None
 
+    def _with_modalities(self, ids: Tensor, embedded: Tensor) -> Tensor:
+        """Item id embeddings (..., dim) with each modality's projected vectors appended."""
+        if not self.modality_tables:
+            return embedded
+        return torch.cat([embedded, *(table(ids) for table in self.modality_tables)], dim=-1)
+
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         embedded = self.embed(batch)
-        parts = [embedded.flatten(1)]
+        target = embedded[:, self.item_slot] if self.item_slot >= 0 else embedded[:, 0]
+        if self.modality_tables:
+            target = self._with_modalities(batch["item"], target)
+        parts = [embedded.flatten(1), target[:, embedded.shape[-1] :]]
         if self.interest is not None:
             history = batch["history"]
-            interest = self.interest(
-                embedded[:, self.item_slot], self.embed.lookup("item", history), history > 0
-            )
-            parts.append(interest)
+            behaviours = self._with_modalities(history, self.embed.lookup("item", history))
+            parts.append(self.interest(target, behaviours, history > 0))
         logit = self.head(self.tower(torch.cat(parts, dim=1))).squeeze(-1)
         if self.interaction is not None:
             logit = logit + self.interaction(embedded)

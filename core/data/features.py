@@ -35,9 +35,9 @@ import pyarrow as pa
 from pydantic import Field
 
 from rex.data.build import DATASETS, Params
-from rex.data.lance_io import vector_column
+from rex.data.lance_io import read_columns, vector_column
 from rex.data.mirror import RawSource, fetch, log, sha256_file
-from rex.data.schema import FieldSpec, ViewSpec
+from rex.data.schema import DatasetSchema, FieldSpec, ViewSpec
 from rex.errors import DataError
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -142,8 +142,11 @@ def cache_paths(name: str, root: Path) -> tuple[Path, Path]:
     return root / f"{name}_minilm.npy", root / f"{name}_minilm.json"
 
 
-def _cached(array_path: Path, key_path: Path, key: dict[str, Any]) -> np.ndarray | None:
-    """The cached array when its key file matches ``key`` and the array's sha256, else None."""
+def cached_array(
+    array_path: Path, key_path: Path, key: dict[str, Any], shape: tuple[int, ...], dtype: type
+) -> np.ndarray | None:
+    """The cached array when its key file matches ``key`` and the array's sha256 and it has
+    ``shape`` and ``dtype``, else None."""
     try:
         stored = json.loads(key_path.read_text(encoding="utf-8"))
         if not isinstance(stored, dict) or stored.pop("array_sha256", None) != sha256_file(array_path):
@@ -153,10 +156,10 @@ def _cached(array_path: Path, key_path: Path, key: dict[str, Any]) -> np.ndarray
         array = np.load(array_path, allow_pickle=False)
     except (OSError, ValueError):
         return None
-    return array if array.shape == (key["rows"], key["dim"]) and array.dtype == np.float32 else None
+    return array if array.shape == shape and array.dtype == dtype else None
 
 
-def _write(array_path: Path, key_path: Path, array: np.ndarray, key: dict[str, Any]) -> None:
+def write_cached(array_path: Path, key_path: Path, array: np.ndarray, key: dict[str, Any]) -> None:
     array_path.parent.mkdir(parents=True, exist_ok=True)
     suffix = f".tmp-{os.getpid()}"
     tmp_array, tmp_key = (
@@ -194,7 +197,7 @@ def minilm_features(
         "dim": DIM,
     }
     if not force:
-        cached = _cached(array_path, key_path, key)
+        cached = cached_array(array_path, key_path, key, (len(texts), DIM), np.float32)
         if cached is not None:
             log(f"{name}: MiniLM features up to date at {array_path}")
             return cached
@@ -206,7 +209,7 @@ def minilm_features(
         raise DataError(f"the text encoder returned shape {array.shape}, expected ({len(texts)}, {DIM})")
     rate = len(texts) / max(seconds, 1e-9)
     log(f"{name}: encoded {len(texts)} texts in {seconds:.1f}s ({rate:.1f} texts/s)")
-    _write(array_path, key_path, array, key)
+    write_cached(array_path, key_path, array, key)
     return array
 
 
@@ -249,3 +252,28 @@ def items_view(num_items: int, vectors: dict[str, tuple[str, np.ndarray]]) -> tu
         },
     }
     return table, ViewSpec(tables={"all": "items"}, fields=fields)
+
+
+def item_vectors(directory: Path, schema: DatasetSchema) -> dict[str, np.ndarray]:
+    """Each ``modality:NAME`` vector column of a prepared dataset's ``items`` view as a float32
+    ``num_items x dim`` array indexed by item id, keyed by NAME; row 0 (padding) and items
+    without a row are zeros. Empty when there is no ``items`` view."""
+    view = schema.views.get("items")
+    if view is None:
+        return {}
+    columns = {
+        name: spec.role.split(":", 1)[1]
+        for name, spec in view.fields.items()
+        if spec.kind == "vector" and spec.role and spec.role.startswith("modality:")
+    }
+    if not columns:
+        return {}
+    raw = read_columns(Path(directory) / f"{view.tables['all']}.lance", ["item", *columns])
+    ids = np.asarray(raw["item"], dtype=np.int64)
+    vectors = {}
+    for column, modality in columns.items():
+        values = np.asarray(raw[column], dtype=np.float32)
+        table = np.zeros((schema.num_items, values.shape[1]), dtype=np.float32)
+        table[ids] = values
+        vectors[modality] = table
+    return vectors
