@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -20,16 +22,36 @@ from rex.data.schema import DatasetSchema, ViewSpec, load_schema
 from rex.errors import DataError
 from rex.loader import BatchLoader, Column, Ragged
 
+INT32 = np.iinfo(np.int32)
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the reader back to the OS (glibc keeps freed heap pages otherwise,
+    so the full-width buffers a split was read through would stay in RSS for the whole run)."""
+    # Not glibc: nothing to trim, and the freed pages are merely reusable.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
 
 def _column(column: Any, max_len: int) -> Column:
     if isinstance(column, RaggedColumn):
-        return Ragged(_tensor(column.values), _tensor(column.offsets), max_len)
+        return Ragged(_tensor(column.values), _tensor(column.offsets, compact=False), max_len)
     return _tensor(column)
 
 
-def _tensor(column: Any) -> Tensor:
+def _tensor(column: Any, compact: bool = True) -> Tensor:
+    """A column as a tensor: floats as float32; ids as int32 when they fit (``compact``).
+
+    Ids are most of a split's memory, and int32 halves it; the loader widens each batch back
+    to int64, which is what embeddings and losses index with.
+    """
     array = np.asarray(column)
-    array = np.asarray(array, dtype=np.float32 if array.dtype.kind == "f" else np.int64)
+    if array.dtype.kind == "f":
+        array = np.asarray(array, dtype=np.float32)
+    elif compact and (array.size == 0 or (array.min() >= INT32.min and array.max() <= INT32.max)):
+        array = np.asarray(array, dtype=np.int32)
+    else:
+        array = np.asarray(array, dtype=np.int64)
     if array.flags.writeable:
         return torch.from_numpy(array)
     # A zero-copy view of Arrow's read-only buffer. Loaders only ever read their columns
@@ -135,23 +157,28 @@ class RexDataModule(L.LightningDataModule):
         path = self._table(split)
         if self.recipe.data.view == "sequence" and split == "train":
             raw = read_columns(path, ["user", "items"])
-            items = raw["items"]
+            items = raw.pop("items")
             assert isinstance(items, RaggedColumn)
             keep = np.flatnonzero(items.lengths() >= 2)  # an input and a next item at least
-            return {
-                "user": _tensor(np.asarray(raw["user"])[keep]),
+            # Compacted before the rows are taken, so the copy that take makes is the small one.
+            items = RaggedColumn(_tensor(items.values).numpy(), items.offsets).take(keep)
+            columns: dict[str, Column] = {
+                "user": _tensor(np.asarray(raw.pop("user"))[keep]),
                 # max_len inputs and their next items: batches split this in next_item_pairs
-                "items": _column(items.take(keep), max_len + 1),
+                "items": _column(items, max_len + 1),
             }
+            release_freed_memory()
+            return columns
         names = [
             name for name, spec in self.view.fields.items() if spec.kind != "sequence" or name == "history"
         ]
         if self.recipe.data.view == "sequence":
             names = ["user", "history", "target"]
-        raw = read_columns(path, names)
-        # Column by column, dropping each Arrow-backed array once copied, so the peak is the
-        # data plus one column rather than twice the data.
-        return {name: _column(raw.pop(name), max_len) for name in list(raw)}
+        # One column at a time, each compacted before the next is read: the peak is the compact
+        # data plus one column as read, rather than every column at full width.
+        columns = {name: _column(read_columns(path, [name])[name], max_len) for name in names}
+        release_freed_memory()
+        return columns
 
     def loader(self, split: str) -> BatchLoader:
         """The split's loader, read from Lance on first use (a test split is not read to train)."""

@@ -1,8 +1,9 @@
 """Batches from columns already in memory, by index arithmetic.
 
-A split's columns are read from Lance once and held as contiguous tensors (sequences as
-(rows, max_len) left-padded matrices). A batch is then an ``index_select`` per column: no
-Python work per row, no per-epoch reread, and memory that does not grow with epochs.
+A split's columns are read from Lance once and held as contiguous tensors (ids compactly as
+int32 where they fit, sequences as flat values plus offsets). A batch is then an
+``index_select`` per column, or a gather for sequences: no Python work per row, no per-epoch
+reread, and memory that does not grow with epochs.
 """
 
 from __future__ import annotations
@@ -39,12 +40,14 @@ class EpochShuffle:
 class Ragged:
     """Variable-length id lists as flat ``values`` and row ``offsets`` (rows + 1), kept unpadded.
 
-    ``gather(index)`` returns the rows' last ``max_len`` ids as a (B, W) matrix left-padded with
-    0, where W is the longest of those rows: padding costs memory per batch, not per dataset.
+    ``gather(index)`` returns the rows' last ``max_len`` ids as a (B, W) int64 matrix left-padded
+    with 0, where W is the longest of those rows: padding costs memory per batch, not per dataset.
     """
 
     def __init__(self, values: Tensor, offsets: Tensor, max_len: int) -> None:
-        self.values = values
+        # ``max_len`` zeros in front, so that the W ids ending at any row's end always exist and
+        # a batch is one index_select of overlapping windows (a strided view, never copied).
+        self.values = torch.cat([values.new_zeros(max_len), values])
         self.offsets = offsets
         self.max_len = max_len
 
@@ -56,13 +59,14 @@ class Ragged:
         return self.values.nbytes + self.offsets.nbytes
 
     def gather(self, index: Tensor) -> Tensor:
+        starts = self.offsets[index]
         ends = self.offsets[index + 1]
-        lengths = (ends - self.offsets[index]).clamp(max=self.max_len)
+        lengths = (ends - starts).clamp(max=self.max_len)
         width = max(int(lengths.max()) if index.numel() else 0, 1)
-        columns = torch.arange(width)
-        source = ends[:, None] - width + columns[None, :]
-        valid = columns[None, :] >= (width - lengths)[:, None]
-        return torch.where(valid, self.values[source.clamp(min=0)], 0)
+        windows = self.values.unfold(0, width, 1).index_select(0, ends + (self.max_len - width))
+        batch = windows.long() if windows.dtype != torch.int64 else windows
+        # Columns before a row's first id hold the previous row's ids: blank them.
+        return batch.masked_fill_(torch.arange(width) < (width - lengths)[:, None], 0)
 
 
 Column = Tensor | Ragged
@@ -72,8 +76,8 @@ class BatchLoader:
     """Iterable of dict batches over equal-length column tensors.
 
     Sequence columns are either :class:`Ragged` or left-padded 2-D tensors; either way a batch
-    holds them padded only to the longest sequence in the batch. ``skip_batches(epoch, n)`` makes the next pass over ``epoch`` start
-    at batch ``n`` (used when resuming mid-epoch).
+    holds them padded only to the longest sequence in the batch. ``skip_batches(epoch, n)`` makes
+    the next pass over ``epoch`` start at batch ``n`` (used when resuming mid-epoch).
     """
 
     def __init__(
@@ -120,7 +124,9 @@ class BatchLoader:
 def _select(column: Column, index: Tensor) -> Tensor:
     if isinstance(column, Ragged):
         return column.gather(index)
-    return _trim(column.index_select(0, index))
+    rows = column.index_select(0, index)
+    # Compactly stored (int32) ids become the int64 that embeddings and losses index with.
+    return _trim(rows.long() if rows.dtype == torch.int32 else rows)
 
 
 def _trim(column: Tensor) -> Tensor:

@@ -20,6 +20,17 @@ def test_ragged_gather_keeps_the_last_items_left_padded_to_the_batch_maximum():
     assert ragged.gather(torch.tensor([1])).tolist() == [[0]]  # an empty row still has width 1
 
 
+def test_compact_int32_ids_come_out_as_int64_batches():
+    wide = Ragged(VALUES, OFFSETS, max_len=3)
+    compact = Ragged(VALUES.int(), OFFSETS, max_len=3)
+    index = torch.tensor([0, 3, 2, 1])
+    assert compact.gather(index).dtype == torch.int64
+    assert torch.equal(compact.gather(index), wide.gather(index))
+    loader = BatchLoader({"item": VALUES[:4].int(), "history": compact}, batch_size=4)
+    batch = next(iter(loader))
+    assert batch["item"].dtype == torch.int64 and batch["item"].tolist() == [1, 2, 3, 4]
+
+
 def test_dense_sequences_are_trimmed_to_the_batch_maximum():
     dense = torch.tensor([[0, 0, 0, 1], [0, 0, 2, 3], [0, 4, 5, 6]])
     loader = BatchLoader({"history": dense, "user": torch.tensor([1, 2, 3])}, batch_size=2)
