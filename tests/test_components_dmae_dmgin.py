@@ -8,10 +8,15 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from rex.components.clustering.kmeans import BalancedKMeans
+from rex.components.encoders.hierarchical import HierarchicalEncoder
 from rex.components.encoders.modality_table import ModalityTable
+from rex.components.encoders.sim_bucket import SimBucket
+from rex.components.losses.reconstruction import InterestReconstruction
 from rex.data.features import FEATURES_DIR
 from rex.data.lance_io import read_columns
 from rex.data.mirror import mirror_dir
@@ -19,7 +24,8 @@ from rex.data.prepare import prepare_dataset
 from rex.datamodule import RexDataModule
 from rex.errors import RecipeError
 from rex.recipe import load_recipe
-from rex.registry import build
+from rex.registry import ComponentFactory, build, lookup
+from rex.train import build_run
 from tests.conftest import REPO
 from tests.test_components import assert_all_grads
 
@@ -85,6 +91,117 @@ def test_modality_table_is_built_from_context() -> None:
     assert isinstance(built, ModalityTable) and built.in_dim == 5
 
 
+# --------------------------------------------------------------------------- encoder/sim_bucket
+
+
+def test_sim_bucket_shapes_grad_and_masking() -> None:
+    unit = SimBucket(dim=4, max_len=5, num_buckets=10)
+    similarity = torch.rand(3, 5)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]], dtype=torch.bool)
+    out = unit(similarity, mask)
+    assert out.shape == (3, 5, 4)
+    assert out[~mask].abs().sum() == 0
+    out.sum().backward()
+    assert_all_grads(unit)
+
+
+def test_sim_bucket_maps_higher_similarity_to_higher_buckets_and_adds_recency() -> None:
+    unit = SimBucket(dim=4, max_len=8, num_buckets=5)
+    scores = torch.tensor([[0.0, 0.3, 0.6, 1.0]])
+    assert unit.bucket(scores).tolist() == [[0, 1, 2, 4]]
+    target = torch.tensor([[1.0, 0.0]])
+    history = torch.tensor([[[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [2.0, 0.0]]])
+    torch.testing.assert_close(SimBucket.similarity(target, history), torch.tensor([[1.0, 0.0, 0.5, 1.0]]))
+    # equal scores at different positions differ by exactly their recency embeddings
+    out = unit(torch.full((1, 4), 0.5), torch.ones(1, 4, dtype=torch.bool))
+    torch.testing.assert_close(out[0, 3] - out[0, 0], unit.recency.weight[0] - unit.recency.weight[3])
+
+
+# --------------------------------------------------------------------------- cluster/kmeans
+
+
+def test_balanced_kmeans_caps_cluster_sizes_and_is_deterministic() -> None:
+    # 90 points around one centre and 10 around another: plain K-means would keep them 90 / 10
+    generator = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(90, 3, generator=generator), torch.randn(10, 3, generator=generator) + 20])
+    labels = BalancedKMeans(k=4, seed=1).fit(x)
+    assert labels.shape == (100,) and labels.dtype == torch.long
+    assert torch.bincount(labels, minlength=4).max() <= 25
+    assert torch.equal(labels, BalancedKMeans(k=4, seed=1).fit(x))
+    # the far cluster stays together
+    assert labels[90:].unique().numel() == 1
+    with pytest.raises(ValueError, match="N >= k"):
+        BalancedKMeans(k=5).fit(torch.randn(3, 2))
+    assert lookup("cluster/kmeans").target is BalancedKMeans
+
+
+# --------------------------------------------------------------------------- encoder/hierarchical
+
+
+def _transformer() -> ComponentFactory:
+    """An ``encoder/transformer`` node as the parent receives it (dim supplied by the parent)."""
+    return ComponentFactory(
+        lookup("encoder/transformer"), {"num_layers": 1, "causal": False, "dropout": 0.0}, "t", {}
+    )
+
+
+def test_hierarchical_shapes_grad_and_group_mask() -> None:
+    enc = HierarchicalEncoder(
+        dim=8, num_groups=4, intra=_transformer(), inter=_transformer(), max_per_group=3
+    )
+    x = torch.randn(2, 6, 8)
+    groups = torch.tensor([[0, 0, 1, 1, 1, 1], [2, 2, 2, 2, 3, 0]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    out, group_mask = enc(x.requires_grad_(), groups, mask)
+    assert out.shape == (2, 4, 8) and group_mask.shape == (2, 4)
+    # row 0 has one group (1); row 1 has groups 2, 3, 0 -- empty groups come first (left padding)
+    assert group_mask.tolist() == [[False, False, False, True], [False, True, True, True]]
+    assert out[~group_mask].abs().sum() == 0
+    out.sum().backward()
+    assert_all_grads(enc)
+    # padding positions and items beyond a group's window get no gradient
+    assert x.grad[0, :2].abs().sum() == 0 and x.grad[1, 0].abs().sum() == 0 and x.grad[1, 1].abs().sum() > 0
+
+
+def test_hierarchical_group_vectors_depend_only_on_their_group_in_time_order() -> None:
+    enc = HierarchicalEncoder(dim=8, num_groups=3, intra=_transformer(), inter=None, max_per_group=4).eval()
+    x = torch.randn(1, 5, 8)
+    groups = torch.tensor([[0, 1, 0, 2, 1]])
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    out, group_mask = enc(x, groups, mask)
+    assert group_mask.all()
+    # last occurrences: group 0 at position 2, group 2 at 3, group 1 at 4 -> slots [0, 2, 1]
+    for position, slot in ((0, 0), (3, 1), (4, 2)):
+        changed = x.clone()
+        changed[0, position] += torch.randn(8)  # not a constant shift: LayerNorm removes those
+        moved, _ = enc(changed, groups, mask)
+        others = [s for s in range(3) if s != slot]
+        assert not torch.allclose(moved[0, slot], out[0, slot])
+        torch.testing.assert_close(moved[0, others], out[0, others])
+
+
+# --------------------------------------------------------------------------- loss/interest_reconstruction
+
+
+def test_reconstruction_loss_grad_minimum_and_ablation() -> None:
+    loss = InterestReconstruction(temperature=0.5)
+    target = torch.rand(3, 5, 2)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    logits = torch.randn(3, 5, 2, requires_grad=True)
+    value = loss({"recon_logits": logits, "recon_target": target, "recon_mask": mask}, {})
+    assert value.dim() == 0 and value > 0
+    value.backward()
+    assert (
+        logits.grad is not None and logits.grad[~mask].abs().sum() == 0 and logits.grad[mask].abs().sum() > 0
+    )
+    # decoding the real distribution exactly (up to a constant per row) gives zero loss
+    exact = loss({"recon_logits": target / 0.5 + 3.0, "recon_target": target, "recon_mask": mask}, {})
+    assert exact.abs() < 1e-5
+    assert loss({"logit": torch.zeros(2)}, {}) == 0
+    with pytest.raises(ValueError):
+        InterestReconstruction(temperature=0.0)
+
+
 # --------------------------------------------------------------------------- real data
 
 
@@ -134,3 +251,64 @@ def test_item_features_are_indexed_by_item_id_with_a_zero_padding_row(home: Path
 def test_item_features_are_empty_without_vectors(data_home: Path) -> None:
     dm = _datamodule(data_home, "din.yaml")  # beauty: an items view of ids only
     assert dm.context()["item_features"] == {}
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "new"),
+    [
+        ("dmae.yaml", [], ["units", "gate", "fused_interest", "decoder"]),
+        ("dmgin.yaml", [], ["encoder", "group_embedding"]),
+        ("din_mm.yaml", [], ["modality_tables"]),
+        ("din_mm.yaml", ["data.name=ml-100k", "model.modalities=[text_minilm]"], ["modality_tables"]),
+    ],
+    ids=["dmae", "dmgin", "din_mm", "din_mm-ml-100k"],
+)
+def test_recipe_model_trains_every_new_component_on_a_real_batch(
+    home: Path, recipe: str, overrides: list[str], new: list[str]
+) -> None:
+    loaded = load_recipe(REPO / "recipes" / recipe, ["train.batch_size=64", *overrides])
+    built = build_run(loaded.recipe, 0, recipe)
+    batch = next(iter(built.datamodule.loader("train")))
+    module = built.module
+    module.train()
+    outputs = module.model(batch)
+    total = sum(loss.weight * loss.module(outputs, batch) for loss in module.losses)
+    assert torch.isfinite(total)
+    total.backward()
+    for name in new:
+        component = getattr(module.model, name)
+        assert sum(p.numel() for p in component.parameters()) > 0, name
+        assert_all_grads(component)
+    if recipe == "dmae.yaml":
+        assert outputs["recon_logits"].shape == (*batch["history"].shape, 2)
+        # the auto-encoder constraint is a real term of the objective, not a constant
+        assert module.losses[1].module(outputs, batch) > 0
+
+
+def test_ablation_switches_build_the_reduced_models(home: Path) -> None:
+    dmae = build_run(load_recipe(REPO / "recipes" / "dmae.yaml", ["model.sim_bucket=null"]).recipe, 0, "dmae")
+    assert len(dmae.module.model.units) == 0 and not hasattr(dmae.module.model, "decoder")
+    dmgin = build_run(
+        load_recipe(REPO / "recipes" / "dmgin.yaml", ["model.encoder.inter=null"]).recipe, 0, "dmgin"
+    )
+    assert dmgin.module.model.encoder.inter is None
+
+
+def test_item_groups_are_cached_balanced_kmeans_of_the_minilm_vectors(home: Path) -> None:
+    from rex.data.clusters import ClusterParams, cluster_paths, item_groups
+
+    params = ClusterParams(k=10, iters=5)
+    groups = item_groups(home / "ml-100k", params)
+    assert groups.shape == (1683,) and groups[0] == 0
+    assert np.bincount(groups[1:], minlength=10).max() <= -(-1682 // 10)
+    array_path, key_path = cluster_paths("ml-100k", home)
+    stamp = array_path.stat().st_mtime_ns
+    assert np.array_equal(item_groups(home / "ml-100k", params), groups)
+    assert array_path.stat().st_mtime_ns == stamp  # reused, not recomputed
+    # items of one group are closer in MiniLM space than items of different groups
+    vectors = read_columns(home / "ml-100k" / "items.lance", ["item", "text_minilm"])
+    v = torch.as_tensor(np.asarray(vectors["text_minilm"]))
+    g = torch.as_tensor(groups[np.asarray(vectors["item"])])
+    sim = v @ v.T
+    same = g[:, None] == g[None, :]
+    assert sim[same].mean() > sim[~same].mean() + 0.05
