@@ -151,6 +151,25 @@ def sweep(
     )
 
 
+@app.command()
+def report(
+    targets: Annotated[list[Path], typer.Argument(help="run folders, multi-seed run folders or sweep folders")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="output folder (default TARGET/report)")] = None,
+    wandb: Annotated[bool, typer.Option(help="also publish the comparison to W&B (offline without a key)")] = False,
+    wandb_project: Annotated[str, typer.Option(help="W&B project for --wandb")] = "rex",
+) -> None:
+    """Comparison table (Markdown, CSV), PNG plots and one self-contained HTML page."""
+    from rex.report import publish_wandb
+    from rex.report import report as make_report
+
+    result = make_report(targets, out_dir)
+    out.print(f"report: {result.html} ({len(result.plots)} plots, table in {result.markdown.name} and "
+              f"{result.csv.name})", markup=False, highlight=False, soft_wrap=True)
+    if wandb:
+        mode = publish_wandb(result, wandb_project)
+        out.print(f"W&B report run: {mode}", markup=False, highlight=False)
+
+
 @data_app.command("fetch")
 def data_fetch(names: Annotated[list[str], typer.Argument(help="dataset names (see params.yaml)")]) -> None:
     """Fetch raw files (mirror or checksum-verified download) into data/_raw/."""

@@ -13,12 +13,15 @@ heartbeats, so a trial whose worker was killed is marked failed once it falls si
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.table import Table
 
+from rex.config import Recipe
 from rex.errors import RecipeError, RexError
 from rex.recipe import LoadedRecipe, load_recipe
 from rex.runs import atomic_write_json, atomic_write_text
@@ -66,6 +70,7 @@ class Job:
     deadline: float | None
     base_overrides: list[str]
     trial_overrides: list[str] = field(default_factory=list)
+    worker: int = 0
 
 
 def _get(tree: Any, key: str) -> tuple[bool, Any]:
@@ -97,6 +102,7 @@ def make_storage(url: str, spec: SweepSpec) -> optuna.storages.RDBStorage:
     # SQLite serialises writers; a generous busy timeout lets several workers share one file.
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
     try:
+        warnings.filterwarnings("ignore", message=".*heartbeat_interval.*experimental", category=Warning)
         return optuna.storages.RDBStorage(
             url,
             engine_kwargs=engine_kwargs,
@@ -109,19 +115,22 @@ def make_storage(url: str, spec: SweepSpec) -> optuna.storages.RDBStorage:
         ) from exc
 
 
-def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: SweepSpec, worker: int = 0) -> optuna.samplers.BaseSampler:
     cfg = spec.sampler
+    # Each worker process has its own sampler: with one shared seed, parallel workers would draw
+    # the very same random start-up trials.
+    seed = None if cfg.seed is None else cfg.seed + worker
     startup = {} if cfg.n_startup_trials is None else {"n_startup_trials": cfg.n_startup_trials}
     if cfg.type == "random":
-        return optuna.samplers.RandomSampler(seed=cfg.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if cfg.type == "grid":
         space = {key: p.grid() for key, p in spec.params.items()}
-        return optuna.samplers.GridSampler(space, seed=cfg.seed)
+        return optuna.samplers.GridSampler(space, seed=seed)
     if cfg.type == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=cfg.seed, **startup)
+        return optuna.samplers.CmaEsSampler(seed=seed, **startup)
     # constant_liar: parallel workers see running trials as bad, so they do not all sample the
     # same promising point.
-    return optuna.samplers.TPESampler(seed=cfg.seed, constant_liar=True, **startup)
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True, **startup)
 
 
 def make_pruner(spec: SweepSpec, max_epochs: int) -> optuna.pruners.BasePruner:
@@ -153,8 +162,10 @@ def check_space(
     for index, (key, param) in enumerate(spec.params.items()):
         where = f"params.{key}"
         top = key.split(".", 1)[0]
-        if "." not in key and top not in base.resolved:
-            raise RecipeError(f"no such recipe key {key!r}", file=spec_file, key=where)
+        if top not in Recipe.model_fields:
+            close = difflib.get_close_matches(top, list(Recipe.model_fields), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise RecipeError(f"no such recipe section {top!r}{hint}", file=spec_file, key=where)
         enable = _enabling_overrides(spec, keys[:index], param.when, base, spec_file, where)
         enabled = _load(recipe_path, fixed + enable, spec_file, where, None)
         parent_key, _, leaf = key.rpartition(".")
@@ -333,7 +344,7 @@ def work(job: Job) -> None:
     study = optuna.load_study(
         study_name=job.name,
         storage=make_storage(job.storage, spec),
-        sampler=make_sampler(spec),
+        sampler=make_sampler(spec, job.worker),
         pruner=make_pruner(spec, int(base["train"]["max_epochs"])),
     )
     gate = _Gate(_lock_path(job))
@@ -379,10 +390,11 @@ def prepare(
             f"base recipe {spec.recipe!r} not found next to the spec", file=spec_file, key="recipe"
         )
     fixed = [*spec.overrides, *cli_overrides]
-    try:
-        first = load_recipe(recipe_path, fixed)
-    except RecipeError as exc:
-        raise RecipeError(f"{exc.key or 'recipe'}: {exc.detail}", file=spec_file, key="overrides") from exc
+    for key, extra in (("overrides", []), ("trial_overrides", spec.trial_overrides)):
+        try:
+            first = load_recipe(recipe_path, [*fixed, *extra])
+        except RecipeError as exc:
+            raise RecipeError(f"{exc.key or 'recipe'}: {exc.detail}", file=spec_file, key=key) from exc
     check_objective(spec, list(first.recipe.eval.metrics or []), spec_file)
     # Checkpoint selection, early stopping and the objective all follow the objective's metric.
     fixed += [f"eval.monitor={spec.objective.metric}", "logging.progress_bar=false"]
@@ -391,7 +403,7 @@ def prepare(
         fixed.append(f"logging.wandb.group={name}")  # one W&B group per study
     base = load_recipe(recipe_path, fixed)
     check_space(spec, spec_file, recipe_path, base, fixed)
-    trial_only = []
+    trial_only = list(spec.trial_overrides)
     if workers > 1 and base.recipe.train.num_threads is None:
         # Workers share the cores; without this each would start a thread per core.
         trial_only.append(f"train.num_threads={max(1, (os.cpu_count() or 1) // workers)}")
@@ -439,7 +451,7 @@ def _open_study(prep: Prepared, resume: bool) -> optuna.Study:
 def _workers(job: Job, count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
     job_file = Path(job.sweep_dir) / ".job.json"
     atomic_write_json(job_file, asdict(job))
-    procs = [subprocess.Popen([sys.executable, "-m", "rex.sweep", str(job_file)]) for _ in range(count)]
+    procs = [subprocess.Popen([sys.executable, "-m", "rex.sweep", str(job_file), str(i)]) for i in range(count)]
     try:
         yield procs
     finally:
@@ -447,7 +459,11 @@ def _workers(job: Job, count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
             if proc.poll() is None:
                 proc.terminate()
         for proc in procs:
-            proc.wait()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # Lightning defers SIGTERM to the next batch; do not wait for ever
+                proc.wait()
 
 
 def _settle_stale(study: optuna.Study, spec: SweepSpec) -> None:
@@ -487,6 +503,8 @@ def sweep(
     )
     if resume:
         optuna.storages.fail_stale_trials(study)
+    # `kill PID` of the driver: exit through the finally blocks, which stop the workers.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if workers == 1:
         work(job)
     else:
@@ -675,9 +693,9 @@ def _write_params_section(path: Path, name: str, values: dict[str, Any]) -> None
 
 
 def _worker_main(argv: list[str]) -> None:
-    if len(argv) != 1:
-        raise SystemExit("usage: python -m rex.sweep JOB_JSON (started by `rex sweep --workers N`)")
-    job = Job(**json.loads(Path(argv[0]).read_text()))
+    if len(argv) != 2:
+        raise SystemExit("usage: python -m rex.sweep JOB_JSON WORKER (started by `rex sweep --workers N`)")
+    job = Job(**{**json.loads(Path(argv[0]).read_text()), "worker": int(argv[1])})
     try:
         work(job)
     except RexError as exc:

@@ -137,7 +137,10 @@ class PrunerSpec(_Spec):
 class SweepSpec(_Spec):
     name: str | None = Field(None, description="study name (default: the spec file's stem)")
     recipe: str = Field(description="base recipe, relative to the spec file")
-    overrides: list[str] = Field([], description="fixed dotlist overrides for every trial")
+    overrides: list[str] = Field([], description="fixed dotlist overrides for every trial and the re-run")
+    trial_overrides: list[str] = Field(
+        [], description="overrides for trials only, not the final re-run on test (a cheaper search budget)"
+    )
     params: dict[str, Param] = Field(min_length=1)
     objective: Objective
     sampler: SamplerSpec = SamplerSpec()
