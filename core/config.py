@@ -30,6 +30,11 @@ class DataConfig(Section):
     name: str = Field(description="dataset name, as prepared by `rex data prepare NAME`")
     view: Literal["sequence", "ctr"] = Field(description="which tables of the dataset to read")
     max_len: int = Field(50, ge=1, description="histories keep their most recent max_len items")
+    user_columns: list[str] = Field(
+        [],
+        description="list columns of the dataset's users view (e.g. history_view) joined to each "
+        "batch row by its user id, without the row's own item",
+    )
 
 
 class TrainConfig(Section):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,35 @@ def next_item_pairs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return {**batch, "items": inputs, "targets": targets}
 
 
+class UserJoin:
+    """Adds user-level list columns to a batch, gathered by its ``user`` ids.
+
+    Each user's list is held once (row ``u`` = user ``u``) rather than copied into every row of
+    that user. The row's own ``item`` is dropped from each list, as the prepared ``history``
+    drops it, so a row never sees a behaviour on the item it is scored for.
+    """
+
+    def __init__(self, columns: dict[str, Ragged]) -> None:
+        self.columns = columns
+
+    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        users = batch["user"].long()
+        out = dict(batch)
+        for name, column in self.columns.items():
+            ids = column.gather(users).long()
+            if "item" in batch:
+                ids = ids.masked_fill(ids == batch["item"].long()[:, None], 0)
+            out[name] = ids
+        return out
+
+
+def _then(first: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None, second: UserJoin | None) -> Any:
+    """The composition of two optional batch transforms."""
+    if first is None or second is None:
+        return first or second
+    return lambda batch: second(first(batch))
+
+
 class LazyContext(Mapping[str, Any]):
     """Context values where a callable is computed on first lookup, then kept."""
 
@@ -112,6 +141,7 @@ class RexDataModule(L.LightningDataModule):
             )
         self.view: ViewSpec = view
         self._loaders: dict[str, BatchLoader] = {}
+        self._user_join: UserJoin | None = None
         self._item_features: dict[str, Tensor] | None = None
 
     # ------------------------------------------------------------------ what models may ask for
@@ -180,6 +210,38 @@ class RexDataModule(L.LightningDataModule):
         release_freed_memory()
         return columns
 
+    def user_join(self) -> UserJoin | None:
+        """The join of ``data.user_columns`` from the ``users`` view (None when none are asked for)."""
+        names = self.recipe.data.user_columns
+        if not names or self._user_join is not None:
+            return self._user_join
+        schema_file = str(self.dataset_dir / "schema.json")
+        view = self.schema.views.get("users")
+        if view is None:
+            raise DataError(
+                f"dataset {self.schema.name!r} has no users view to join: remove data.user_columns "
+                "(multi-behaviour datasets such as taobao_mb have one)",
+                file=schema_file,
+                key="data.user_columns",
+            )
+        missing = [n for n in names if n not in view.fields or view.fields[n].kind != "sequence"]
+        if missing:
+            lists = [n for n, f in view.fields.items() if f.kind == "sequence"]
+            raise DataError(
+                f"the users view has no list column {', '.join(missing)} (it has: {', '.join(lists)})",
+                file=schema_file,
+                key="data.user_columns",
+            )
+        raw = read_columns(self.dataset_dir / f"{view.tables['all']}.lance", ["user", *names])
+        if not np.array_equal(np.asarray(raw["user"]), np.arange(self.schema.num_users)):
+            raise DataError(
+                f"the users table must hold row u = user u; rebuild with `rex data prepare {self.schema.name} --force`",
+                file=schema_file,
+            )
+        columns = {n: _column(raw[n], self.recipe.data.max_len) for n in names}
+        self._user_join = UserJoin({n: c for n, c in columns.items() if isinstance(c, Ragged)})
+        return self._user_join
+
     def loader(self, split: str) -> BatchLoader:
         """The split's loader, read from Lance on first use (a test split is not read to train)."""
         if split not in self._loaders:
@@ -191,7 +253,7 @@ class RexDataModule(L.LightningDataModule):
                 batch_size,
                 shuffle=train,
                 seed=self.seed,
-                transform=next_item_pairs if pairs else None,
+                transform=_then(next_item_pairs if pairs else None, self.user_join()),
             )
         return self._loaders[split]
 

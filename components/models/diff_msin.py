@@ -58,6 +58,7 @@ class DiffMSIN(nn.Module):
             raise ValueError("Diff-MSIN needs the 'item' field")
         modalities = ["text", "image"] if modalities is None else modalities
         self.embed = embed(fields={"item": fields["item"]})
+        self.register_buffer("item_ids", torch.arange(fields["item"]), persistent=False)
         dim = self.embed.dim
         self.tables = nn.ModuleDict({name: modality(modality=name, dim=dim) for name in modalities})
         streams = ["id", *modalities]
@@ -71,15 +72,15 @@ class DiffMSIN(nn.Module):
         self.tower = tower(in_dim=width + num_experts * self.fusion.score_dim)
         self.head = nn.Linear(self.tower.out_dim, 1)
 
-    def _embed(self, ids: Tensor) -> list[Tensor]:
-        return [self.embed.lookup("item", ids), *(table(ids) for table in self.tables.values())]
-
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         history = batch["history"]
         mask = history > 0
+        # Each modality table is projected once for every item and then indexed: cheaper than
+        # projecting each of the B x L history positions.
+        tables = [self.embed.lookup("item", self.item_ids), *(t(self.item_ids) for t in self.tables.values())]
         # Padding rows are zeroed: a modality table maps id 0 to its projection's bias.
-        streams = torch.stack(self._embed(history), dim=1) * mask[:, None, :, None].to(torch.float32)
-        targets = torch.stack(self._embed(batch["item"]), dim=1)  # (B, K, d)
+        streams = torch.stack([t[history] for t in tables], dim=1) * mask[:, None, :, None].to(torch.float32)
+        targets = torch.stack([t[batch["item"]] for t in tables], dim=1)  # (B, K, d)
         experts = self.experts(streams, mask)  # (B, K + S, L, d)
         k, shared = self.num_streams, experts.shape[1] - self.num_streams
         mean_target = targets.mean(dim=1, keepdim=True)

@@ -65,6 +65,7 @@ class M3BSR(nn.Module):
         if contrast is not None and len(contrast) != 2:
             raise ValueError(f"contrast takes two stream names, got {contrast}")
         self.embed = embed(fields={"item": fields["item"]})
+        self.register_buffer("item_ids", torch.arange(fields["item"]), persistent=False)
         dim = self.embed.dim
         self.tables = nn.ModuleDict(
             {m: modality(modality=m, dim=dim) for m in modalities}  # type: ignore[misc]
@@ -80,16 +81,17 @@ class M3BSR(nn.Module):
         self.tower = tower(in_dim=width)
         self.head = nn.Linear(self.tower.out_dim, 1)
 
-    def _lookup(self, modality: str, ids: Tensor) -> Tensor:
-        return self.embed.lookup("item", ids) if modality == "id" else self.tables[modality](ids)
-
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        targets = {m: self._lookup(m, batch["item"]) for m in self.target_modalities}
+        # Each modality table is projected once for every item, then indexed (cheaper than
+        # projecting every history position).
+        tables = {m: self.tables[m](self.item_ids) for m in self.tables}
+        tables["id"] = self.embed.lookup("item", self.item_ids)
+        targets = {m: tables[m][batch["item"]] for m in self.target_modalities}
         seqs, masks = {}, {}
         for name in self.names:
             ids = batch[self.keys[name]]
             masks[name] = ids > 0
-            seqs[name] = self._lookup(self.modality_of[name], ids) * masks[name].unsqueeze(-1).float()
+            seqs[name] = tables[self.modality_of[name]][ids] * masks[name].unsqueeze(-1).float()
         noises, predictions = [], []
         for name, guides in self.denoise.items():
             cond = torch.cat([seqs[g] for g in guides], dim=1)
