@@ -3,9 +3,7 @@ the item-feature plumbing of the datamodule on real prepared data."""
 
 from __future__ import annotations
 
-import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,6 @@ from rex.components.encoders.sim_bucket import SimBucket
 from rex.components.losses.reconstruction import InterestReconstruction
 from rex.data.features import FEATURES_DIR
 from rex.data.lance_io import read_columns
-from rex.data.mirror import mirror_dir
 from rex.data.prepare import prepare_dataset
 from rex.datamodule import RexDataModule
 from rex.errors import RecipeError
@@ -206,27 +203,17 @@ def test_reconstruction_loss_grad_minimum_and_ablation() -> None:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A data home with scientific_mm and ml-100k prepared from the mirror.
+def home(data_home: Path) -> Path:
+    """The session's data home (ml-100k prepared) plus scientific_mm.
 
     The MiniLM caches of the working copy's data/_features are copied in when present, so the
     real (slow) encoder runs only where they are missing; the vectors are the real ones either way.
     """
-    if mirror_dir() is None:
-        pytest.skip("no data mirror (../shared/data or REX_DATA_MIRROR)")
-    root = tmp_path_factory.mktemp("home")
     cache = REPO / "data" / FEATURES_DIR
     if cache.is_dir():
-        shutil.copytree(cache, root / FEATURES_DIR)
-    previous = os.environ.get("REX_DATA_HOME")
-    os.environ["REX_DATA_HOME"] = str(root)
-    for name in ("scientific_mm", "ml-100k"):
-        prepare_dataset(name, root=root)
-    yield root
-    if previous is None:
-        os.environ.pop("REX_DATA_HOME", None)
-    else:
-        os.environ["REX_DATA_HOME"] = previous
+        shutil.copytree(cache, data_home / FEATURES_DIR, dirs_exist_ok=True)
+    prepare_dataset("scientific_mm", root=data_home)
+    return data_home
 
 
 def _datamodule(root: Path, recipe: str, *overrides: str) -> RexDataModule:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from rex.components.models.ctr import item_fields
 from rex.registry import Factory, register
 
 
@@ -35,19 +36,15 @@ class DMAE(nn.Module):
         use_fields: list[str] | None = None,
     ) -> None:
         super().__init__()
-        names = use_fields or ["item"]
-        if "item" not in names or not set(names) <= set(fields):
-            raise ValueError(
-                f"use_fields must include 'item' and come from the dataset's fields {sorted(fields)}"
-            )
+        used = item_fields(fields, use_fields)
         missing = sorted(set(modalities) - set(item_features))
         if missing or not modalities:
             raise ValueError(
                 f"modalities {missing or modalities} not available; the dataset's: {', '.join(sorted(item_features)) or 'none'}"
             )
-        self.embed = embed(fields={n: fields[n] for n in names})
+        self.embed = embed(fields=used)
         dim = self.embed.dim
-        self.item_slot = names.index("item")
+        self.item_slot = list(used).index("item")
         self.interest = interest(dim=dim)
         self.modalities = list(modalities)
         self.units = nn.ModuleList()
@@ -61,7 +58,7 @@ class DMAE(nn.Module):
             self.gate = nn.Linear((m + 1) * dim, m)
             self.fused_interest = interest(dim=dim)
             self.decoder = nn.Linear(dim, m)
-        width = (len(names) + 1 + (1 if self.units else 0)) * dim
+        width = (len(used) + 1 + (1 if self.units else 0)) * dim
         self.tower = tower(in_dim=width)
         self.head = nn.Linear(self.tower.out_dim, 1)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from rex.components.models.ctr import item_fields
 from rex.registry import Factory, register
 
 
@@ -32,24 +33,20 @@ class DMGIN(nn.Module):
         use_fields: list[str] | None = None,
     ) -> None:
         super().__init__()
-        names = use_fields or ["item"]
-        if "item" not in names or not set(names) <= set(fields):
-            raise ValueError(
-                f"use_fields must include 'item' and come from the dataset's fields {sorted(fields)}"
-            )
+        used = item_fields(fields, use_fields)
         if item_groups.dim() != 1 or len(item_groups) != fields["item"]:
             raise ValueError(
                 f"item_groups must be (num_items,) = ({fields['item']},), got {tuple(item_groups.shape)}"
             )
         self.register_buffer("item_groups", item_groups.long(), persistent=False)
         num_groups = int(item_groups.max()) + 1
-        self.embed = embed(fields={n: fields[n] for n in names})
+        self.embed = embed(fields=used)
         dim = self.embed.dim
-        self.item_slot = names.index("item")
+        self.item_slot = list(used).index("item")
         self.group_embedding = nn.Embedding(num_groups, dim)
         self.encoder = encoder(dim=dim, num_groups=num_groups)
         self.interest = interest(dim=dim)
-        self.tower = tower(in_dim=(len(names) + 1) * dim)
+        self.tower = tower(in_dim=(len(used) + 1) * dim)
         self.head = nn.Linear(self.tower.out_dim, 1)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
