@@ -304,7 +304,7 @@ def plot_study(sweep: SweepInfo, folder: Path) -> list[Path]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
                 ax = draw(study)
-            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig: Any = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure  # type: ignore[attr-defined]
             fig.set_size_inches(8, 4.5)
             _save(fig, path)
             plt.close(fig)
@@ -432,7 +432,7 @@ def publish_wandb(result: Report, project: str) -> str:
     )
     try:
         payload: dict[str, Any] = {
-            "comparison": wandb.Table(columns=result.columns, data=result.cells),
+            "comparison": wandb.Table(columns=list[Any](result.columns), data=result.cells),
             "report": wandb.Html(result.html.read_text()),
         }
         for plot in result.plots:

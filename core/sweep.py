@@ -451,7 +451,9 @@ def _open_study(prep: Prepared, resume: bool) -> optuna.Study:
 def _workers(job: Job, count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
     job_file = Path(job.sweep_dir) / ".job.json"
     atomic_write_json(job_file, asdict(job))
-    procs = [subprocess.Popen([sys.executable, "-m", "rex.sweep", str(job_file), str(i)]) for i in range(count)]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "rex.sweep", str(job_file), str(i)]) for i in range(count)
+    ]
     try:
         yield procs
     finally:

@@ -222,9 +222,14 @@ def _allowed(parent: str) -> list[str]:
     parts = parent.split(".") if parent else []
     if not parts:
         return sorted(SweepSpec.model_fields)
-    if parts[0] == "params" and len(parts) == 2:
+    if parts[0] == "params":  # params.<dotted recipe key>: the key's own dots are not nesting
         return sorted(set(FloatParam.model_fields) | set(CategoricalParam.model_fields))
-    nested = {"objective": Objective, "sampler": SamplerSpec, "pruner": PrunerSpec}.get(parts[0])
+    sections: dict[str, type[BaseModel]] = {
+        "objective": Objective,
+        "sampler": SamplerSpec,
+        "pruner": PrunerSpec,
+    }
+    nested = sections.get(parts[0])
     return sorted(nested.model_fields) if nested else []
 
 

@@ -69,42 +69,45 @@ class WandbRunInfo(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for logger in _wandb_loggers(trainer):
-            _safely(
-                "config",
-                lambda lg=logger: lg.experiment.config.update(
-                    {"recipe": self.config, "data_hash": self.data_hash, "run_dir": str(self.run_dir)},
-                    allow_val_change=True,
-                ),
-            )
+            values = {"recipe": self.config, "data_hash": self.data_hash, "run_dir": str(self.run_dir)}
+            _safely("config", _update_config, logger, values)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         for logger in _wandb_loggers(trainer):
-            _safely("finish", lambda lg=logger: lg.experiment.finish(exit_code=1))
+            _safely("finish", _finish, logger, 1)
 
 
 def finish_wandb(trainer: L.Trainer, run_dir: Path) -> None:
     """Upload the best checkpoint and metrics.json as one artifact (queued for ``wandb sync``
     when offline), then close the W&B run."""
     for logger in _wandb_loggers(trainer):
-
-        def upload(lg: Any = logger) -> None:
-            import wandb
-
-            experiment = lg.experiment
-            artifact = wandb.Artifact(name=f"run-{experiment.id}", type="rex-run")
-            for name in (METRICS_FILE, f"checkpoints/{BEST_CKPT}"):
-                if (run_dir / name).is_file():
-                    artifact.add_file(str(run_dir / name), name=name)
-            experiment.log_artifact(artifact)
-
-        _safely("artifacts", upload)
-        _safely("finish", lambda lg=logger: lg.experiment.finish())
+        _safely("artifacts", _upload, logger, run_dir)
+        _safely("finish", _finish, logger, 0)
 
 
-def _safely(what: str, action: Callable[[], Any]) -> None:
+def _update_config(logger: Any, values: dict[str, Any]) -> None:
+    logger.experiment.config.update(values, allow_val_change=True)
+
+
+def _finish(logger: Any, exit_code: int) -> None:
+    logger.experiment.finish(exit_code=exit_code)
+
+
+def _upload(logger: Any, run_dir: Path) -> None:
+    import wandb
+
+    experiment = logger.experiment
+    artifact = wandb.Artifact(name=f"run-{experiment.id}", type="rex-run")
+    for name in (METRICS_FILE, f"checkpoints/{BEST_CKPT}"):
+        if (run_dir / name).is_file():
+            artifact.add_file(str(run_dir / name), name=name)
+    experiment.log_artifact(artifact)
+
+
+def _safely(what: str, action: Callable[..., Any], *args: Any) -> None:
     try:
-        action()
+        action(*args)
     except Exception as exc:  # tracking is optional: a W&B problem must not stop training
         console.print(f"[yellow]W&B {what} skipped: {type(exc).__name__}: {exc}[/yellow]")
