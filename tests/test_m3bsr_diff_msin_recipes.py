@@ -4,7 +4,6 @@ lists into CTR batches."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,15 +33,11 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     cache = REPO / "data" / FEATURES_DIR
     if cache.is_dir():
         shutil.copytree(cache, root / FEATURES_DIR, dirs_exist_ok=True)
-    previous = os.environ.get("REX_DATA_HOME")
-    os.environ["REX_DATA_HOME"] = str(root)
-    for name in ("scientific_mm", "taobao_mb"):
-        prepare_dataset(name, root=root)
-    yield root
-    if previous is None:
-        os.environ.pop("REX_DATA_HOME", None)
-    else:
-        os.environ["REX_DATA_HOME"] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("REX_DATA_HOME", str(root))
+        for name in ("scientific_mm", "taobao_mb"):
+            prepare_dataset(name, root=root)
+        yield root
 
 
 def _built(recipe: str, *overrides: str):  # type: ignore[no-untyped-def]
