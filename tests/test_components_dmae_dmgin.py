@@ -230,7 +230,7 @@ def test_item_features_are_indexed_by_item_id_with_a_zero_padding_row(home: Path
         table = features[name]
         assert table.shape == (1586, dim) and table.dtype == torch.float32
         assert table[0].abs().sum() == 0
-        torch.testing.assert_close(table[torch.as_tensor(raw["item"])], torch.as_tensor(raw[name]))
+        torch.testing.assert_close(table[torch.tensor(raw["item"])], torch.tensor(np.array(raw[name])))
     # MiniLM vectors are unit-norm: the rows are real embeddings, not zeros
     assert torch.allclose(features["text_minilm"][1:].norm(dim=1), torch.ones(1585), atol=1e-4)
 
