@@ -170,6 +170,14 @@ def report(
         out.print(f"W&B report run: {mode}", markup=False, highlight=False)
 
 
+@app.command("sweep-worker", hidden=True)
+def sweep_worker(job: Path, worker: int) -> None:
+    """One worker process of `rex sweep --workers N` (started by it, not by hand)."""
+    from rex.sweep import work_from_file
+
+    work_from_file(job, worker)
+
+
 @data_app.command("fetch")
 def data_fetch(names: Annotated[list[str], typer.Argument(help="dataset names (see params.yaml)")]) -> None:
     """Fetch raw files (mirror or checksum-verified download) into data/_raw/."""

@@ -452,7 +452,8 @@ def _workers(job: Job, count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
     job_file = Path(job.sweep_dir) / ".job.json"
     atomic_write_json(job_file, asdict(job))
     procs = [
-        subprocess.Popen([sys.executable, "-m", "rex.sweep", str(job_file), str(i)]) for i in range(count)
+        subprocess.Popen([sys.executable, "-m", "rex.cli", "sweep-worker", str(job_file), str(i)])
+        for i in range(count)
     ]
     try:
         yield procs
@@ -694,20 +695,6 @@ def _write_params_section(path: Path, name: str, values: dict[str, Any]) -> None
     )
 
 
-def _worker_main(argv: list[str]) -> None:
-    if len(argv) != 2:
-        raise SystemExit("usage: python -m rex.sweep JOB_JSON WORKER (started by `rex sweep --workers N`)")
-    job = Job(**{**json.loads(Path(argv[0]).read_text()), "worker": int(argv[1])})
-    try:
-        work(job)
-    except RexError as exc:
-        if os.environ.get("REX_DEBUG") == "1":
-            raise
-        Console(stderr=True).print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    _worker_main(sys.argv[1:])
+def work_from_file(job_file: Path, worker: int) -> None:
+    """Entry of a worker process started by ``rex sweep --workers N`` (``rex sweep-worker``)."""
+    work(Job(**{**json.loads(job_file.read_text()), "worker": worker}))

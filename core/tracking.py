@@ -52,7 +52,8 @@ def wandb_logger(cfg: WandbConfig, run_dir: Path, name: str) -> Logger | None:
 
 
 def _wandb_loggers(trainer: L.Trainer) -> list[Any]:
-    from lightning.pytorch.loggers import WandbLogger
+    # The defining module's class: lightning.pytorch.loggers.WandbLogger may be patched in tests.
+    from lightning.pytorch.loggers.wandb import WandbLogger
 
     return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
 
