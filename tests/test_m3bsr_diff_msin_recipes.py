@@ -100,7 +100,7 @@ def test_ablation_switch_removes_the_module_and_its_loss(
 
 
 def test_scores_are_deterministic_in_eval(home: Path) -> None:
-    built = _built("diff_msin.yaml")
+    built = _built("diff_msin.yaml", "eval.batch_size=128")
     batch = next(iter(built.datamodule.loader("valid")))
     model = built.module.model.eval()
     with torch.no_grad():
