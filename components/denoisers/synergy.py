@@ -18,8 +18,9 @@ class SynergyDenoiser(nn.Module):
     eps (T * B * K * L', dim), eps_pred (same))``, where L' counts the valid positions.
     Round t (1..T, cosine schedule): each stream takes one forward step
     ``x = sqrt(alpha_t) h + sqrt(beta_t) noise``; its noise is predicted from the other streams,
-    ``eps_m = sum_n sigmoid(g_mn) * CA_mn(x_m, x_n)`` with gated cross-attention CA (gamma = 0
-    at start) and a learnable gate g_mn per ordered pair; the step is then inverted,
+    ``eps_m = sum_n sigmoid(g_mn) * CA_mn(x_m, x_n)`` with gated cross-attention
+    ``CA(x_m, x_n) = x_m + gamma * attn`` (gamma = 0 at start, as in the official code) and a
+    learnable gate g_mn per ordered pair; the step is then inverted,
     ``h_m = (x_m - sqrt(beta_t) eps_m) / sqrt(alpha_t)``. An MLP fuses the K final streams.
     The epsilon-MSE between noise and prediction is the synergy objective. In eval no noise is
     drawn, so scores are deterministic.
@@ -53,12 +54,10 @@ class SynergyDenoiser(nn.Module):
             alpha, beta = self.schedule.alphas[step], self.schedule.betas[step]
             noise = torch.randn_like(streams) if self.training else torch.zeros_like(streams)
             x = [alpha.sqrt() * h[m] + beta.sqrt() * noise[:, m] for m in range(k)]
-            eps: list[Tensor | None] = [None] * k
+            eps = [torch.zeros_like(x[m]) for m in range(k)]
             for (m, n), attention, gate in zip(self.pairs, self.attention, gates, strict=True):
-                term = gate * attention(x[m], x[n], mask)
-                prev = eps[m]
-                eps[m] = term if prev is None else prev + term
-            predicted = torch.stack([e for e in eps if e is not None], dim=1)
+                eps[m] = eps[m] + gate * attention(x[m], x[n], mask)
+            predicted = torch.stack(eps, dim=1)
             h = [(x[m] - beta.sqrt() * predicted[:, m]) / alpha.sqrt() for m in range(k)]
             noises.append(noise)
             predictions.append(predicted)
