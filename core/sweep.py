@@ -274,10 +274,6 @@ def _lock_path(job: Job) -> Path:
 
 
 def run_trial(trial: optuna.Trial, job: Job, spec: SweepSpec, base: dict[str, Any]) -> float:
-    from optuna_integration import PyTorchLightningPruningCallback
-
-    from rex.train import run_one, summarize
-
     params = sample(trial, spec, base)
     overrides = [override(k, v) for k, v in params.items()]
     trial_dir = Path(job.sweep_dir) / "trials" / f"trial-{trial.number:04d}"
@@ -286,18 +282,39 @@ def run_trial(trial: optuna.Trial, job: Job, spec: SweepSpec, base: dict[str, An
     trial.set_user_attr("overrides", overrides)
     loaded = load_recipe(job.recipe_path, [*job.base_overrides, *job.trial_overrides, *overrides])
     seeds = [loaded.recipe.seeds[0] + i for i in range(spec.seeds)]
-    atomic_write_json(
-        trial_dir / TRIAL_FILE,
-        {
-            "study": job.name,
-            "trial": trial.number,
-            "storage": shown_storage(job.storage),
-            "params": params,
-            "overrides": overrides,
-            "seeds": seeds,
-            "pid": os.getpid(),
-        },
-    )
+    info = {
+        "study": job.name,
+        "trial": trial.number,
+        "storage": shown_storage(job.storage),
+        "params": params,
+        "overrides": overrides,
+        "seeds": seeds,
+        "pid": os.getpid(),
+    }
+    atomic_write_json(trial_dir / TRIAL_FILE, info)
+    # The outcome goes into trial.json too, so the folder alone tells how the trial ended (a
+    # trial whose worker was killed has none: storage marks it failed once it falls silent).
+    try:
+        value = _train_seeds(trial, loaded, seeds, trial_dir, spec)
+    except optuna.TrialPruned:
+        atomic_write_json(trial_dir / TRIAL_FILE, {**info, "state": "PRUNED"})
+        raise
+    except Exception as exc:
+        atomic_write_json(
+            trial_dir / TRIAL_FILE, {**info, "state": "FAIL", "error": f"{type(exc).__name__}: {exc}"}
+        )
+        raise
+    atomic_write_json(trial_dir / TRIAL_FILE, {**info, "state": "COMPLETE", "value": value})
+    return value
+
+
+def _train_seeds(
+    trial: optuna.Trial, loaded: LoadedRecipe, seeds: list[int], trial_dir: Path, spec: SweepSpec
+) -> float:
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    from rex.train import run_one, summarize
+
     monitor = f"val/{spec.objective.metric}"
     results = []
     for i, seed in enumerate(seeds):

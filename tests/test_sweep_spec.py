@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import optuna
 import pytest
 import yaml
@@ -38,6 +40,11 @@ def test_a_good_spec_passes(data_home, tmp_path):
     prep = prepare(_spec(tmp_path), [], None, None, 1)
     assert "eval.monitor=auc" in prep.job.base_overrides
     assert prep.job.storage.endswith("/.studies/spec.db")
+    assert prep.job.trial_overrides == []
+    # With W&B on, every trial joins one group named after the study; workers share the cores.
+    prep = prepare(_spec(tmp_path, overrides=["logging.wandb={mode: disabled}"]), [], None, None, 2)
+    assert "logging.wandb.group=spec" in prep.job.base_overrides
+    assert prep.job.trial_overrides == [f"train.num_threads={max(1, (os.cpu_count() or 1) // 2)}"]
 
 
 @pytest.mark.parametrize(
