@@ -190,7 +190,7 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]], list[list[Any]]]
             else:
                 cells.append("")
                 values += ["", ""]
-        params = "; ".join(f"{k}={r.params.get(k)}" for k in differing)
+        params = "; ".join(f"{k}={_short(r.params.get(k))}" for k in differing)
         wall = "" if r.wall_time_s is None else f"{r.wall_time_s:.0f}"
         rate = "" if r.samples_per_s is None else f"{r.samples_per_s:,.0f}"
         shown.append([r.label, r.state, r.recipe, r.dataset, r.split, *cells, params, wall, rate])
@@ -212,6 +212,10 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]], list[list[Any]]]
         csv_columns += [m, f"{m}_std"]
     csv_columns += ["parameters_that_differ", "wall_time_s", "samples_per_s"]
     return columns, shown, [csv_columns, *raw]
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _markdown(columns: list[str], cells: list[list[str]]) -> str:
@@ -242,6 +246,9 @@ def plot_curves(rows: list[Row], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, points in curves.items():
         ax.plot([p[0] + 1 for p in points], [p[1] for p in points], marker="o", markersize=3, label=name)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"validation {rows[0].monitor}")
     ax.set_title("Validation metric per epoch")

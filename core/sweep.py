@@ -102,7 +102,8 @@ def make_storage(url: str, spec: SweepSpec) -> optuna.storages.RDBStorage:
     # SQLite serialises writers; a generous busy timeout lets several workers share one file.
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
     try:
-        warnings.filterwarnings("ignore", message=".*heartbeat_interval.*experimental", category=Warning)
+        # Heartbeats and fail_stale_trials are marked experimental; the warnings say nothing actionable.
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(
             url,
             engine_kwargs=engine_kwargs,
