@@ -50,6 +50,7 @@ console = Console(stderr=True)
 out = Console()
 SWEEP_FILE = "sweep.json"
 TRIAL_FILE = "trial.json"
+STORAGE_ENV = "REX_SWEEP_STORAGE"
 TERMINAL = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # model and losses are free-form component trees: the registry checks their arguments when the
 # probe recipe is built. Every other section is a pydantic model that rejects unknown keys.
@@ -468,9 +469,12 @@ def _open_study(prep: Prepared, resume: bool) -> optuna.Study:
 @contextlib.contextmanager
 def _workers(job: Job, count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
     job_file = Path(job.sweep_dir) / ".job.json"
-    atomic_write_json(job_file, asdict(job))
+    # The storage URL may hold a password: it goes to the workers through their environment,
+    # never into a file.
+    atomic_write_json(job_file, {**asdict(job), "storage": None})
+    env = {**os.environ, STORAGE_ENV: job.storage}
     procs = [
-        subprocess.Popen([sys.executable, "-m", "rex.cli", "sweep-worker", str(job_file), str(i)])
+        subprocess.Popen([sys.executable, "-m", "rex.cli", "sweep-worker", str(job_file), str(i)], env=env)
         for i in range(count)
     ]
     try:
@@ -625,6 +629,7 @@ def print_trials(study: optuna.Study, spec: SweepSpec) -> None:
 
 # ----------------------------------------------------------------------------- export best
 PARAMS_SECTION = "sweep_best"
+PARAMS_COMMENT = "# best sweep parameters, written by `rex sweep --export-best`"
 
 
 def export_best(spec_path: Path, target: Path | None, params_yaml: Path | None) -> Path:
@@ -701,6 +706,8 @@ def _write_params_section(path: Path, name: str, values: dict[str, Any]) -> None
             len(lines),
         )
         current = (yaml.safe_load("\n".join(lines[start:end])) or {}).get(PARAMS_SECTION) or {}
+        if start and lines[start - 1] == PARAMS_COMMENT:
+            start -= 1  # our own comment goes with the block it introduces
         lines = lines[:start] + lines[end:]
     current[name] = values
     block = yaml.safe_dump({PARAMS_SECTION: current}, sort_keys=False).rstrip().splitlines()
@@ -708,11 +715,13 @@ def _write_params_section(path: Path, name: str, values: dict[str, Any]) -> None
         lines.pop()
     atomic_write_text(
         path,
-        "\n".join([*lines, "", "# best sweep parameters, written by `rex sweep --export-best`", *block])
-        + "\n",
+        "\n".join([*lines, "", PARAMS_COMMENT, *block]) + "\n",
     )
 
 
 def work_from_file(job_file: Path, worker: int) -> None:
     """Entry of a worker process started by ``rex sweep --workers N`` (``rex sweep-worker``)."""
-    work(Job(**{**json.loads(job_file.read_text()), "worker": worker}))
+    storage = os.environ.get(STORAGE_ENV)
+    if not storage:
+        raise RexError(f"{STORAGE_ENV} is not set: workers are started by `rex sweep --workers N`")
+    work(Job(**{**json.loads(job_file.read_text()), "worker": worker, "storage": storage}))

@@ -136,7 +136,7 @@ def test_workers_share_a_study_survive_kills_and_resume(data_home, tmp_path):
     assert loaded.resolved["model"]["embed"]["dim"] == best.params["model.embed.dim"]
     assert loaded.recipe.train.limit_train_batches == 2 and loaded.recipe.eval.monitor == "auc"
     text = params.read_text()
-    assert "split_seed: 2024   # keep me" in text and text.count("sweep_best:") == 1
+    assert "split_seed: 2024   # keep me" in text and text.count("sweep_best:") == text.count("# best sweep") == 1
     assert yaml.safe_load(text)["sweep_best"]["workers"]["train.lr"] == best.params["train.lr"]
 
     again = run_rex("sweep", str(spec), f"logging.run_root={runs}", "--no-test")
