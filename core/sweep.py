@@ -422,6 +422,12 @@ def prepare(
         fixed.append(f"logging.wandb.group={name}")  # one W&B group per study
     base = load_recipe(recipe_path, fixed)
     check_space(spec, spec_file, recipe_path, base, fixed)
+    if spec.sampler.type == "grid":
+        for key, param in spec.params.items():
+            try:
+                param.grid()
+            except ValueError as exc:
+                raise RecipeError(str(exc), file=spec_file, key=f"params.{key}") from exc
     trial_only = list(spec.trial_overrides)
     if workers > 1 and base.recipe.train.num_threads is None:
         # Workers share the cores; without this each would start a thread per core.

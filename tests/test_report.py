@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import base64
 import csv
+import json
 import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -30,6 +32,7 @@ SPEC = {
     "sampler": {"type": "random", "seed": 3},
     "pruner": {"type": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
     "trials": 4,
+    "seeds": 2,  # per trial: the objective is the mean of the two seeds' best validation AUC
     "test_seeds": 2,
 }
 
@@ -135,3 +138,15 @@ def test_wandb_publish_sends_the_same_comparison(made, monkeypatch):
     calls.clear()
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert publish_wandb(made, "rex-test") == "disabled" and not calls
+
+
+def test_trials_average_their_seeds(sweep_dir):
+    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    done = [t for t in summary["trials"] if t["state"] == "COMPLETE"]
+    assert done and summary["counts"]["COMPLETE"] + summary["counts"].get("PRUNED", 0) == 4
+    for trial in done:
+        runs = [json.loads((Path(trial["run_dir"]) / f"seed-{s}" / "metrics.json").read_text()) for s in (42, 43)]
+        scores = [r["best"]["score"] for r in runs]
+        assert scores[0] != scores[1]
+        assert trial["value"] == pytest.approx(sum(scores) / 2)
+        assert all("test" not in r for r in runs)

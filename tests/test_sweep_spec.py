@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from rex.errors import RecipeError
-from rex.sweep import check_space, prepare, sample
+from rex.sweep import check_space, make_sampler, prepare, sample
 from tests.conftest import REPO, run_rex
 
 GOOD = {
@@ -122,3 +122,23 @@ def test_cli_exits_2_without_traceback_and_before_any_trial(data_home, tmp_path)
     assert "spec.yaml: params.model.embed.dimm: unknown argument" in result.stderr
     assert not (tmp_path / ".studies" / "spec.db").exists()
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("kind", ["tpe", "random", "grid", "cmaes"])
+def test_every_sampler_proposes_points_in_the_space(data_home, tmp_path, kind):
+    params = {**GOOD["params"], "train.weight_decay": {"type": "float", "low": 0.0, "high": 0.2, "step": 0.1}}
+    if kind == "grid":
+        params["train.lr"] = {"type": "float", "low": 0.001, "high": 0.003, "step": 0.001}
+    prep = prepare(_spec(tmp_path, params=params, sampler={"type": kind, "seed": 0}), [], None, None, 1)
+    study = optuna.create_study(sampler=make_sampler(prep.spec), direction="maximize")
+    for _ in range(4):
+        trial = study.ask()
+        values = sample(trial, prep.spec, prep.base.resolved)
+        assert values["model.embed.dim"] in (8, 16) and values["train.weight_decay"] in (0.0, 0.1, 0.2)
+        assert 1e-4 <= values["train.lr"] <= 1e-2
+        study.tell(trial, values["train.lr"])
+
+
+def test_grid_sampler_needs_steps(data_home, tmp_path):
+    err = _error(tmp_path, sampler={"type": "grid"})
+    assert err.key == "params.train.lr" and "grid sampler needs a step" in err.detail
