@@ -124,7 +124,9 @@ def show(recipe: Path, overrides: Overrides = None) -> None:
 def sweep(
     spec: Annotated[Path, typer.Argument(help="sweep spec YAML (see docs/sweeps.md)")],
     overrides: Overrides = None,
-    trials: Annotated[int | None, typer.Option(min=1, help="trials in the study in all (spec: trials)")] = None,
+    trials: Annotated[
+        int | None, typer.Option(min=1, help="trials in the study in all (spec: trials)")
+    ] = None,
     workers: Annotated[int, typer.Option(min=1, help="local worker processes sharing the study")] = 1,
     resume: Annotated[bool, typer.Option(help="continue an interrupted study")] = False,
     timeout: Annotated[float | None, typer.Option(min=1, help="seconds after which no trial starts")] = None,
@@ -133,7 +135,9 @@ def sweep(
     export_best: Annotated[
         bool, typer.Option(help="only write the best trial as a recipe override file (no trials)")
     ] = False,
-    export_to: Annotated[Path | None, typer.Option(help="--export-best target (default SPEC_DIR/NAME.best.yaml)")] = None,
+    export_to: Annotated[
+        Path | None, typer.Option(help="--export-best target (default SPEC_DIR/NAME.best.yaml)")
+    ] = None,
     params_yaml: Annotated[
         Path | None, typer.Option(help="--export-best: also write the parameters into this params.yaml")
     ] = None,
@@ -146,16 +150,28 @@ def sweep(
         out.print(f"best trial written to {target}", markup=False, highlight=False, soft_wrap=True)
         return
     sweeping.sweep(
-        spec, overrides or [], trials=trials, workers=workers, resume=resume, timeout=timeout,
-        test_seeds=seeds, test=test,
+        spec,
+        overrides or [],
+        trials=trials,
+        workers=workers,
+        resume=resume,
+        timeout=timeout,
+        test_seeds=seeds,
+        test=test,
     )
 
 
 @app.command()
 def report(
-    targets: Annotated[list[Path], typer.Argument(help="run folders, multi-seed run folders or sweep folders")],
-    out_dir: Annotated[Path | None, typer.Option("--out", help="output folder (default TARGET/report)")] = None,
-    wandb: Annotated[bool, typer.Option(help="also publish the comparison to W&B (offline without a key)")] = False,
+    targets: Annotated[
+        list[Path], typer.Argument(help="run folders, multi-seed run folders or sweep folders")
+    ],
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="output folder (default TARGET/report)")
+    ] = None,
+    wandb: Annotated[
+        bool, typer.Option(help="also publish the comparison to W&B (offline without a key)")
+    ] = False,
     wandb_project: Annotated[str, typer.Option(help="W&B project for --wandb")] = "rex",
 ) -> None:
     """Comparison table (Markdown, CSV), PNG plots and one self-contained HTML page."""
@@ -163,8 +179,13 @@ def report(
     from rex.report import report as make_report
 
     result = make_report(targets, out_dir)
-    out.print(f"report: {result.html} ({len(result.plots)} plots, table in {result.markdown.name} and "
-              f"{result.csv.name})", markup=False, highlight=False, soft_wrap=True)
+    out.print(
+        f"report: {result.html} ({len(result.plots)} plots, table in {result.markdown.name} and "
+        f"{result.csv.name})",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
     if wandb:
         mode = publish_wandb(result, wandb_project)
         out.print(f"W&B report run: {mode}", markup=False, highlight=False)

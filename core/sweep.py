@@ -24,6 +24,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -497,13 +498,33 @@ def _workers(job: Job, count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
                 proc.wait()
 
 
+def fail_silent_trials(study: optuna.Study, spec: SweepSpec) -> None:
+    """``fail_stale_trials``, including trials that never recorded a heartbeat.
+
+    Optuna skips a RUNNING trial with no heartbeat at all: one whose worker was killed between
+    creating the trial and its first beat. Recording a beat for each RUNNING trial older than the
+    grace period gives such a trial a clock, so it fails one grace period later; for a live
+    trial the extra beat changes nothing.
+    """
+    optuna.storages.fail_stale_trials(study)
+    storage = study._storage
+    record = getattr(storage, "record_heartbeat", None)
+    if record is None:
+        return
+    cutoff = datetime.now() - timedelta(seconds=spec.grace_period)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.datetime_start is not None and trial.datetime_start < cutoff:
+            record(trial._trial_id)
+
+
 def _settle_stale(study: optuna.Study, spec: SweepSpec) -> None:
     """Wait until trials left RUNNING by a killed worker fall silent past the grace period and
     mark them failed, so every trial ends COMPLETE, PRUNED or FAIL. Live workers elsewhere keep
     their trials: we give up waiting after one grace period."""
-    deadline = time.monotonic() + spec.grace_period + 2 * spec.heartbeat_interval
+    # Two grace periods: a trial that never beat gets its first beat here, then goes stale.
+    deadline = time.monotonic() + 2 * spec.grace_period + 2 * spec.heartbeat_interval
     while True:
-        optuna.storages.fail_stale_trials(study)
+        fail_silent_trials(study, spec)
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not running or time.monotonic() > deadline:
             return
@@ -533,7 +554,7 @@ def sweep(
         highlight=False,
     )
     if resume:
-        optuna.storages.fail_stale_trials(study)
+        fail_silent_trials(study, spec)
     # `kill PID` of the driver: exit through the finally blocks, which stop the workers.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if workers == 1:

@@ -391,9 +391,12 @@ def test_recbole_export_of_ml100k_round_trips_to_the_native_dataset(tmp_path: Pa
     imported = load_schema(home / "ml100k-import")
     assert (imported.num_users, imported.num_items) == (native.num_users, native.num_items) == (944, 1683)
     assert imported.counts == native.counts
-    assert imported.tables == native.tables
-    assert imported.views == native.views
-    for table in native.tables:
+    # The native dataset also has an items view of MiniLM title vectors (`rex data features`),
+    # which an import of interactions alone does not make; everything else must be identical.
+    assert set(native.tables) - set(imported.tables) == {"items"}
+    assert imported.tables == {name: rows for name, rows in native.tables.items() if name != "items"}
+    assert imported.views == {name: view for name, view in native.views.items() if name != "items"}
+    for table in imported.tables:
         got = lance.dataset(str(home / "ml100k-import" / f"{table}.lance")).to_table()
         want = lance.dataset(str(tmp_path / "native" / "ml-100k" / f"{table}.lance")).to_table()
         assert got.equals(want), table

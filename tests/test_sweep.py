@@ -71,8 +71,12 @@ def test_workers_share_a_study_survive_kills_and_resume(data_home, tmp_path):
     args = [sys.executable, "-m", "rex.cli", "sweep", str(spec), f"logging.run_root={runs}", "--no-test"]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     sweep = subprocess.Popen(
-        [*args, "--workers", "2"], cwd=REPO, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [*args, "--workers", "2"],
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         # Kill the first worker as soon as it has started a trial: the trial stays RUNNING.
@@ -136,8 +140,33 @@ def test_workers_share_a_study_survive_kills_and_resume(data_home, tmp_path):
     assert loaded.resolved["model"]["embed"]["dim"] == best.params["model.embed.dim"]
     assert loaded.recipe.train.limit_train_batches == 2 and loaded.recipe.eval.monitor == "auc"
     text = params.read_text()
-    assert "split_seed: 2024   # keep me" in text and text.count("sweep_best:") == text.count("# best sweep") == 1
+    assert (
+        "split_seed: 2024   # keep me" in text
+        and text.count("sweep_best:") == text.count("# best sweep") == 1
+    )
     assert yaml.safe_load(text)["sweep_best"]["workers"]["train.lr"] == best.params["train.lr"]
 
     again = run_rex("sweep", str(spec), f"logging.run_root={runs}", "--no-test")
     assert again.returncode == 2 and "pass --resume" in again.stderr
+
+
+def test_a_trial_that_never_beat_is_failed_once_silent(tmp_path):
+    """A worker killed between creating a trial and its first heartbeat leaves a RUNNING trial
+    that optuna's own fail_stale_trials never fails; the sweep settles it all the same."""
+    from types import SimpleNamespace
+
+    from rex.sweep import fail_silent_trials
+
+    storage = optuna.storages.RDBStorage(
+        f"sqlite:///{tmp_path / 'beat.db'}", heartbeat_interval=1, grace_period=1
+    )
+    study = optuna.create_study(study_name="beat", storage=storage)
+    orphan = study.ask()  # RUNNING, and no heartbeat was ever recorded for it
+    spec = SimpleNamespace(grace_period=1, heartbeat_interval=1)
+    time.sleep(1.2)
+    optuna.storages.fail_stale_trials(study)
+    assert study.trials[orphan.number].state == TrialState.RUNNING  # optuna alone leaves it
+    fail_silent_trials(study, spec)  # first beat now
+    time.sleep(2.2)
+    fail_silent_trials(study, spec)
+    assert study.trials[orphan.number].state == TrialState.FAIL
