@@ -35,8 +35,19 @@ def release_freed_memory() -> None:
 
 def _column(column: Any, max_len: int) -> Column:
     if isinstance(column, RaggedColumn):
-        return Ragged(_tensor(column.values), _tensor(column.offsets, compact=False), max_len)
+        # Compacted and given Ragged's zero prefix in one allocation: no full-width second copy.
+        values = np.asarray(column.values)
+        prefixed = np.zeros(max_len + values.size, dtype=_id_dtype(values))
+        prefixed[max_len:] = values
+        offsets = _tensor(column.offsets, compact=False)
+        return Ragged(torch.from_numpy(prefixed), offsets, max_len, prefixed=True)
     return _tensor(column)
+
+
+def _id_dtype(ids: np.ndarray) -> type[np.signedinteger[Any]]:
+    """int32 when every id fits, else int64."""
+    fits = ids.size == 0 or (ids.min() >= INT32.min and ids.max() <= INT32.max)
+    return np.int32 if fits else np.int64
 
 
 def _tensor(column: Any, compact: bool = True) -> Tensor:
@@ -48,10 +59,8 @@ def _tensor(column: Any, compact: bool = True) -> Tensor:
     array = np.asarray(column)
     if array.dtype.kind == "f":
         array = np.asarray(array, dtype=np.float32)
-    elif compact and (array.size == 0 or (array.min() >= INT32.min and array.max() <= INT32.max)):
-        array = np.asarray(array, dtype=np.int32)
     else:
-        array = np.asarray(array, dtype=np.int64)
+        array = np.asarray(array, dtype=_id_dtype(array) if compact else np.int64)
     if array.flags.writeable:
         return torch.from_numpy(array)
     # A zero-copy view of Arrow's read-only buffer. Loaders only ever read their columns

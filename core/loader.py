@@ -26,6 +26,7 @@ class EpochShuffle:
         self.seed = seed
         self.shuffle = shuffle
         self.epoch = 0
+        self._order: Tensor | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -34,7 +35,11 @@ class EpochShuffle:
         if not self.shuffle:
             return torch.arange(self.num_rows)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.num_rows, generator=generator)
+        # Drawn into one buffer kept across epochs: a fresh (rows,) permutation each epoch is a
+        # large allocation that the heap may not hand back, and RSS would creep per epoch.
+        if self._order is None:
+            self._order = torch.empty(self.num_rows, dtype=torch.int64)
+        return torch.randperm(self.num_rows, generator=generator, out=self._order)
 
 
 class Ragged:
@@ -44,10 +49,11 @@ class Ragged:
     with 0, where W is the longest of those rows: padding costs memory per batch, not per dataset.
     """
 
-    def __init__(self, values: Tensor, offsets: Tensor, max_len: int) -> None:
+    def __init__(self, values: Tensor, offsets: Tensor, max_len: int, prefixed: bool = False) -> None:
         # ``max_len`` zeros in front, so that the W ids ending at any row's end always exist and
         # a batch is one index_select of overlapping windows (a strided view, never copied).
-        self.values = torch.cat([values.new_zeros(max_len), values])
+        # ``prefixed``: ``values`` already starts with them (built that way to save a copy).
+        self.values = values if prefixed else torch.cat([values.new_zeros(max_len), values])
         self.offsets = offsets
         self.max_len = max_len
 
