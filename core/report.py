@@ -419,7 +419,8 @@ def report(targets: list[Path], out_dir: Path | None = None) -> Report:
 
 def publish_wandb(result: Report, project: str) -> str:
     """Publish the same comparison (table, plots, the HTML page) as a W&B run of job type
-    ``report``. Offline without an API key (``wandb sync`` later); never prompts."""
+    ``report`` and, online, as a W&B Report that shows them. Offline without an API key
+    (``wandb sync`` the run later); never prompts."""
     from rex.config import WandbConfig
     from rex.tracking import resolve_mode
 
@@ -447,4 +448,29 @@ def publish_wandb(result: Report, project: str) -> str:
         run.log(payload)
     finally:
         run.finish()
+    if mode == "online":
+        url = _wandb_report(result, project, str(run.entity), str(run.name))
+        console.print(f"W&B report: {url}", markup=False, highlight=False)
     return mode
+
+
+def _wandb_report(result: Report, project: str, entity: str, run_name: str) -> str:
+    """A saved W&B Report: the comparison table as Markdown, then the report run's plots."""
+    import wandb_workspaces.reports.v2 as wr
+
+    table = result.markdown.read_text().split("\n", 2)[-1]  # without the page's own title
+    page = wr.Report(  # the entity given, so building the page asks the API nothing
+        project=project,
+        entity=entity,
+        title=f"rex report {result.folder.name}",
+        description="Comparison written by `rex report`; the same table and plots as report.html.",
+        blocks=[
+            wr.MarkdownBlock(text=table),
+            wr.PanelGrid(
+                runsets=[wr.Runset(entity=entity, project=project, name=run_name, query=run_name)],
+                panels=[wr.MediaBrowser(title="plots", media_keys=[f"plots/{p.stem}" for p in result.plots])],
+            ),
+        ],
+    )
+    page.save()
+    return str(page.url)

@@ -115,6 +115,9 @@ def test_wandb_publish_sends_the_same_comparison(made, monkeypatch):
     calls = {}
 
     class FakeRun:
+        name = "report-run"
+        entity = "me"
+
         def log(self, payload):
             calls["log"] = payload
 
@@ -125,7 +128,15 @@ def test_wandb_publish_sends_the_same_comparison(made, monkeypatch):
         calls["init"] = kwargs
         return FakeRun()
 
+    import wandb_workspaces.reports.v2 as wr
+
+    def fake_save(page, draft=False, clone=False):  # the Reports API client boundary
+        calls["report"] = page
+        return page
+
     monkeypatch.setattr(wandb, "init", fake_init)
+    monkeypatch.setattr(wr.Report, "save", fake_save)
+    monkeypatch.setattr(wr.Report, "url", property(lambda page: "https://wandb.example/report"))
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     assert publish_wandb(made, "rex-test") == "online"
@@ -134,6 +145,11 @@ def test_wandb_publish_sends_the_same_comparison(made, monkeypatch):
     assert table.columns == made.columns and len(table.data) == len(made.cells)
     assert {k for k in calls["log"] if k.startswith("plots/")} == {f"plots/{p.stem}" for p in made.plots}
     assert calls["finished"]
+    page = calls["report"]  # the W&B Report: the same table, then the run's plots
+    markdown, grid = page.blocks
+    assert all(cell in markdown.text for cell in made.cells[0])
+    assert page.entity == grid.runsets[0].entity == "me" and grid.runsets[0].name == "report-run"
+    assert set(grid.panels[0].media_keys) == {f"plots/{p.stem}" for p in made.plots}
 
     calls.clear()
     monkeypatch.setenv("WANDB_MODE", "disabled")
