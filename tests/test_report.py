@@ -22,8 +22,12 @@ from tests.conftest import REPO
 SPEC = {
     "name": "tiny",
     "recipe": str(REPO / "recipes" / "deepfm.yaml"),
-    "overrides": ["train.max_epochs=3", "train.patience=null", "train.limit_train_batches=2",
-                  "train.limit_eval_batches=1"],
+    "overrides": [
+        "train.max_epochs=3",
+        "train.patience=null",
+        "train.limit_train_batches=2",
+        "train.limit_eval_batches=1",
+    ],
     "params": {
         "train.lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True},
         "model.embed.dim": {"type": "categorical", "choices": [8, 16]},
@@ -90,8 +94,14 @@ def test_page_renders_in_headless_chromium(made, tmp_path):
     browser = _chromium()
     if browser is None:
         pytest.skip("chromium not installed (apt-get install -y chromium)")
-    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-             f"--user-data-dir={tmp_path / 'profile'}"]
+    flags = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
     url = made.html.resolve().as_uri()
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
     # The page's own script counts the images that decoded once the page loaded.
@@ -99,8 +109,12 @@ def test_page_renders_in_headless_chromium(made, tmp_path):
     assert loaded, dom.stderr[-1000:]
     assert loaded.group(1) == loaded.group(2) == str(len(made.plots))
     shot = made.folder / "screenshot.png"
-    subprocess.run([*flags, "--window-size=1400,2400", f"--screenshot={shot}", url],
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [*flags, "--window-size=1400,2400", f"--screenshot={shot}", url],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     from PIL import Image
 
     image = Image.open(shot).convert("RGB")
@@ -161,7 +175,9 @@ def test_trials_average_their_seeds(sweep_dir):
     done = [t for t in summary["trials"] if t["state"] == "COMPLETE"]
     assert done and summary["counts"]["COMPLETE"] + summary["counts"].get("PRUNED", 0) == 4
     for trial in done:
-        runs = [json.loads((Path(trial["run_dir"]) / f"seed-{s}" / "metrics.json").read_text()) for s in (42, 43)]
+        runs = [
+            json.loads((Path(trial["run_dir"]) / f"seed-{s}" / "metrics.json").read_text()) for s in (42, 43)
+        ]
         scores = [r["best"]["score"] for r in runs]
         assert scores[0] != scores[1]
         assert trial["value"] == pytest.approx(sum(scores) / 2)
