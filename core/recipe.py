@@ -40,12 +40,12 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def _read_yaml(path: Path) -> DictConfig:
-    shown = _display(path)
+def read_yaml_mapping(path: Path, shown: str, what: str, sections: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; a missing file, a syntax error (with line and
+    column) or another shape is a :class:`RecipeError` naming ``shown``."""
     if not path.is_file():
-        raise RecipeError("recipe file not found; check the path", file=shown)
+        raise RecipeError(f"{what} not found; check the path", file=shown)
     try:
-        # yaml first: its errors carry line and column, OmegaConf's do not.
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -55,7 +55,14 @@ def _read_yaml(path: Path) -> DictConfig:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RecipeError("a recipe must be a mapping of sections (data, model, train, ...)", file=shown)
+        raise RecipeError(f"a {what} must be a mapping of {sections}", file=shown)
+    return data
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    shown = _display(path)
+    # yaml first: its errors carry line and column, OmegaConf's do not.
+    data = read_yaml_mapping(path, shown, "recipe file", "sections (data, model, train, ...)")
     try:
         return OmegaConf.create(data)
     except OmegaConfBaseException as exc:

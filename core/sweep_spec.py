@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from rex.config import LOWER_IS_BETTER
 from rex.errors import RecipeError
+from rex.recipe import read_yaml_mapping
 
 Direction = Literal["maximize", "minimize"]
 
@@ -183,16 +184,7 @@ def _error_key(loc: tuple[Any, ...]) -> str:
 
 def load_spec(path: Path) -> SweepSpec:
     shown = str(path)
-    if not path.is_file():
-        raise RecipeError("sweep spec not found; check the path", file=shown)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"YAML syntax error{where}", file=shown) from exc
-    if not isinstance(data, dict):
-        raise RecipeError("a sweep spec must be a mapping (recipe, params, objective, ...)", file=shown)
+    data = read_yaml_mapping(path, shown, "sweep spec", "recipe, params, objective, ...")
     try:
         return SweepSpec.model_validate(data)
     except ValidationError as exc:
