@@ -17,22 +17,16 @@ import yaml
 
 from rex.report import publish_wandb, report
 from rex.sweep import sweep
-from tests.conftest import REPO
+from tests.test_sweep import SPEC as WORKER_SPEC
 
+# The worker test's tiny DeepFM study, with its own name, budget and seeds and default heartbeats.
 SPEC = {
+    **{k: v for k, v in WORKER_SPEC.items() if k not in ("heartbeat_interval", "grace_period")},
     "name": "tiny",
-    "recipe": str(REPO / "recipes" / "deepfm.yaml"),
     "overrides": [
         "train.max_epochs=3",
-        "train.patience=null",
-        "train.limit_train_batches=2",
-        "train.limit_eval_batches=1",
+        *(o for o in WORKER_SPEC["overrides"] if not o.startswith("train.max_epochs=")),
     ],
-    "params": {
-        "train.lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True},
-        "model.embed.dim": {"type": "categorical", "choices": [8, 16]},
-    },
-    "objective": {"metric": "auc", "direction": "maximize"},
     "sampler": {"type": "random", "seed": 3},
     "pruner": {"type": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
     "trials": 4,
