@@ -76,9 +76,7 @@ ENTRIES = [
         ("model.encoder.inter=null",),
     ),
     # Taobao multi-behaviour: no modality vectors, so no din_mm.
-    Entry(
-        "taobao_mb", "DIN", "baseline", "din.yaml", ("data.name=taobao_mb", "train.limit_train_batches=200")
-    ),
+    Entry("taobao_mb", "DIN", "baseline", "din.yaml", ("data.name=taobao_mb",)),
     Entry("taobao_mb", "M3BSR (behaviours)", "paper", "m3bsr.yaml"),
     Entry("taobao_mb", "M3BSR − denoiser", "ablation", "m3bsr.yaml", ("model.denoiser=null",)),
 ]

@@ -21,11 +21,14 @@ Taobao, their own train and test parts alike, as MuLE does).
   training buys); ``seq_valid`` / ``seq_test`` one row per held-out buy (``history`` = the user's
   training buys, for test also the validation buys; ``target`` = the buy). Every table has one
   ``history_<behaviour>`` list column per auxiliary behaviour (all the user's items of it).
-* ``ctr`` (cascaded objectives): one row per (user, item) pair with any behaviour, followed by
-  ``neg_ratio`` sampled items the user never touched, which share its user and history. Labels
-  ``label_<behaviour>`` say whether the pair has that behaviour (in any part of the data);
-  ``label`` is ``label_buy``. Pairs that are a test buy go to ``ctr_test``, validation buys to
-  ``ctr_valid``, all other pairs to ``ctr_train``. ``history`` is the user's training buys (test
+* ``ctr``: one row per bought (user, item) pair, followed by ``neg_ratio`` sampled items the
+  user never touched with any behaviour, which share its user and history. ``label`` is
+  ``label_buy``; ``label_<behaviour>`` say whether the row's pair also has that behaviour (in any
+  part of the data). Test buys go to ``ctr_test``, validation buys to ``ctr_valid``, training
+  buys to ``ctr_train``, so every split asks the same question: a buy against a never-touched
+  item. (Pairs with only a shallow behaviour are not rows: as negatives they would teach that
+  an interacted item is unlikely, the opposite of what test asks; models see them through the
+  ``users`` view's lists.) ``history`` is the user's training buys (test
   rows: also the validation buys) without the row's own item, the last ``ctr_max_history``.
 * ``users``: one row per user id (row ``u`` is user ``u``; row 0, padding, is empty) with the
   ``history_<behaviour>`` lists of the ``sequence`` view. A ``ctr`` recipe joins them to its
@@ -188,17 +191,18 @@ def _containment(behaviors: dict[str, Pairs], width: int) -> dict[str, int]:
 def _ctr_tables(
     data: MultiBehavior, valid: Pairs, history_of: RaggedColumn, params: SequenceCtrParams
 ) -> tuple[dict[str, pa.Table], dict[str, int]]:
-    """The ``ctr_*`` tables: every pair with any behaviour, its labels, and sampled negatives.
+    """The ``ctr_*`` tables: every bought pair, its labels, and sampled never-touched negatives.
 
     ``history_of`` row ``u`` holds user ``u``'s training buys, row ``num_users + u`` those and
     the validation buys (what test rows may see).
     """
     num_users, num_items = data.num_users, data.num_items
-    anchors = np.unique(np.concatenate([pairs.keys(num_items) for pairs in data.behaviors.values()]))
+    anchors = np.unique(data.behaviors[TARGET].keys(num_items))
     users, items = anchors // num_items, anchors % num_items
     is_test, is_valid = np.isin(anchors, data.test.keys(num_items)), np.isin(anchors, valid.keys(num_items))
     split = np.where(is_test, 2, np.where(is_valid, 1, 0))
-    touched = _by_user(Pairs(users, items), num_users)
+    touched_keys = np.unique(np.concatenate([pairs.keys(num_items) for pairs in data.behaviors.values()]))
+    touched = _by_user(Pairs(touched_keys // num_items, touched_keys % num_items), num_users)
     rng = np.random.default_rng(params.neg_seed)
     negatives = sample_negatives(touched, users, params.neg_ratio, 1, num_items, rng)
 
