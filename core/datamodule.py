@@ -263,6 +263,7 @@ class RexDataModule(L.LightningDataModule):
                 shuffle=train,
                 seed=self.seed,
                 transform=_then(next_item_pairs if pairs else None, self.user_join()),
+                by_length=not train,
             )
         return self._loaders[split]
 

@@ -28,13 +28,16 @@ class RankingEvaluator(Evaluator):
     """Full ranking over every item for next-item prediction (one held-out target per user).
 
     Scores of the padding item, and of the history's items when ``exclude_history`` is set, are
-    masked to -inf. Only the target's rank is kept per user, computed for a batch of users at
-    once, so memory is bounded by one (batch, num_items) score matrix.
+    masked to -inf. Only the target's rank is kept per user. A batch is scored ``chunk_rows``
+    users at a time: a (chunk_rows, num_items) score matrix stays in cache while it is masked
+    and ranked, which on CPU is several times faster than one matrix for the whole batch, and
+    memory is bounded by it whatever the evaluation batch size.
     """
 
-    def __init__(self, metric_names: list[str], exclude_history: bool) -> None:
+    def __init__(self, metric_names: list[str], exclude_history: bool, chunk_rows: int = 256) -> None:
         self.metric_names = metric_names
         self.exclude_history = exclude_history
+        self.chunk_rows = chunk_rows
         self.reset()
 
     def reset(self) -> None:
@@ -43,12 +46,15 @@ class RankingEvaluator(Evaluator):
 
     @torch.no_grad()
     def update(self, model: nn.Module, batch: dict[str, Tensor]) -> None:
-        scores = model(batch)["scores"].float()
-        scores[:, 0] = -torch.inf
-        if self.exclude_history:
-            scores.scatter_(1, batch["history"], -torch.inf)
-        self._num_items = scores.shape[1]
-        self._ranks.append(M.target_rank(scores, batch["target"]).cpu())
+        rows = batch["target"].shape[0]
+        for start in range(0, rows, self.chunk_rows):
+            chunk = {name: value[start : start + self.chunk_rows] for name, value in batch.items()}
+            scores = model(chunk)["scores"].float()
+            scores[:, 0] = -torch.inf
+            if self.exclude_history:
+                scores.scatter_(1, chunk["history"], -torch.inf)
+            self._num_items = scores.shape[1]
+            self._ranks.append(M.target_rank(scores, chunk["target"]).cpu())
 
     def compute(self) -> dict[str, float]:
         ranks = torch.cat(self._ranks)

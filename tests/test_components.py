@@ -157,6 +157,15 @@ def test_transformer_ignores_padding_content_and_all_padding_row_is_finite() -> 
         assert p.grad is None or torch.isfinite(p.grad).all()
 
 
+def test_transformer_last_only_equals_the_last_position_of_the_full_output() -> None:
+    enc = TransformerEncoder(dim=8, num_layers=2, num_heads=2).eval()
+    x = torch.randn(3, 6, 8)
+    pad = left_padded_mask([6, 2, 0], 6)
+    last = enc(x, pad, last_only=True)
+    assert last.shape == (3, 1, 8)
+    torch.testing.assert_close(last, enc(x, pad)[:, -1:])
+
+
 def test_transformer_rejects_bad_heads() -> None:
     with pytest.raises(ValueError, match="divisible"):
         TransformerEncoder(dim=6, num_heads=4)

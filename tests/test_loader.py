@@ -31,6 +31,18 @@ def test_compact_int32_ids_come_out_as_int64_batches():
     assert batch["item"].dtype == torch.int64 and batch["item"].tolist() == [1, 2, 3, 4]
 
 
+def test_by_length_serves_every_row_once_shortest_first_in_tight_batches():
+    ragged = Ragged(VALUES, OFFSETS, max_len=4)
+    loader = BatchLoader(
+        {"history": ragged, "row": torch.arange(4)}, batch_size=2, shuffle=False, by_length=True
+    )
+    batches = list(loader)
+    assert [b["row"].tolist() for b in batches] == [[1, 2], [0, 3]]  # lengths 0, 1 | 3, 4 (capped)
+    assert [b["history"].shape[1] for b in batches] == [1, 4]
+    shuffled = BatchLoader({"history": ragged}, batch_size=2, shuffle=True, by_length=True)
+    assert sorted(torch.cat([b["history"][:, -1] for b in shuffled]).tolist()) == [0, 3, 4, 9]
+
+
 def test_dense_sequences_are_trimmed_to_the_batch_maximum():
     dense = torch.tensor([[0, 0, 0, 1], [0, 0, 2, 3], [0, 4, 5, 6]])
     loader = BatchLoader({"history": dense, "user": torch.tensor([1, 2, 3])}, batch_size=2)

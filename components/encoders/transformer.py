@@ -26,13 +26,19 @@ class _Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
         self.dropout = Dropout(dropout)
 
-    def forward(self, x: Tensor, allowed: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, allowed: Tensor | None, last_only: bool = False) -> Tensor:
+        """``last_only``: queries of the last position alone, so the output is (B, 1, dim)."""
         b, length, dim = x.shape
         q, k, v = (
             self.qkv(self.norm1(x))
             .reshape(b, length, 3, self.num_heads, dim // self.num_heads)
             .permute(2, 0, 3, 1, 4)
         )  # each (B, H, L, dh)
+        if last_only:
+            q, x = q[:, :, -1:], x[:, -1:]
+            if allowed is not None:
+                allowed = allowed[..., -1:, :]
+        queries = x.shape[1]
         attn_mask = None
         if allowed is not None:
             # Additive and finite (in q's dtype, which autocast may lower), so a fully masked
@@ -48,7 +54,7 @@ class _Block(nn.Module):
             attended = weights @ v
         else:
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        x = x + self.dropout(self.proj(attended.transpose(1, 2).reshape(b, length, dim)))
+        x = x + self.dropout(self.proj(attended.transpose(1, 2).reshape(b, queries, dim)))
         return x + self.dropout(self.ffn(self.norm2(x)))
 
 
@@ -56,7 +62,9 @@ class _Block(nn.Module):
 class TransformerEncoder(nn.Module):
     """Stack of pre-LN self-attention blocks over a (B, L, dim) sequence, causal by default.
 
-    ``forward(x: (B, L, dim), padding_mask: (B, L) bool, True = padding) -> (B, L, dim)``.
+    ``forward(x: (B, L, dim), padding_mask: (B, L) bool, True = padding) -> (B, L, dim)``;
+    with ``last_only=True`` it returns (B, 1, dim), the last position alone: the last block
+    then attends and runs its FFN for that one query, which is all that scoring needs.
     Sequences are left-padded (right-aligned); outputs at padded positions are zero. The
     attention mask is additive with a large finite negative, so a row with no visible key
     (an all-padding sequence) gives finite values, never NaN. ``ffn_dim`` defaults to
@@ -103,11 +111,11 @@ class TransformerEncoder(nn.Module):
             allowed = keys if allowed is None else keys & allowed
         return allowed
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None, last_only: bool = False) -> Tensor:
         allowed = self._allowed(x, padding_mask)
-        for block in self.blocks:
-            x = block(x, allowed)
+        for index, block in enumerate(self.blocks):
+            x = block(x, allowed, last_only=last_only and index == len(self.blocks) - 1)
         x = self.norm(x)
         if padding_mask is not None:
-            x = x.masked_fill(padding_mask[..., None], 0.0)
+            x = x.masked_fill(padding_mask[:, -x.shape[1] :, None], 0.0)
         return x

@@ -19,6 +19,8 @@ class SequentialRecommender(nn.Module):
     with 0. Returns ``logits`` (P, num_items) and ``labels`` (P,) for the P non-padded
     positions, so the loss is computed at every position of every sequence.
     Scoring batch: ``history`` (B, L). Returns ``scores`` (B, num_items) from the last position.
+    The encoder is called as ``encoder(x, padding_mask, last_only=...)``; with ``last_only`` it
+    may compute the last position alone, (B, 1, dim), as ``encoder/transformer`` does.
     """
 
     def __init__(
@@ -42,8 +44,8 @@ class SequentialRecommender(nn.Module):
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
 
-    def encode(self, items: Tensor) -> Tensor:
-        """(B, L) item ids, left-padded → (B, L, dim) hidden states."""
+    def encode(self, items: Tensor, last_only: bool = False) -> Tensor:
+        """(B, L) item ids, left-padded → (B, L, dim) hidden states ((B, 1, dim) if ``last_only``)."""
         x = self.item_embedding(items) * math.sqrt(self.dim)
         if self.position_embedding is not None:
             length = items.shape[1]
@@ -53,7 +55,7 @@ class SequentialRecommender(nn.Module):
             positions = torch.arange(length - 1, -1, -1, device=items.device)
             x = x + self.position_embedding(positions)
         padding = items == 0
-        return self.encoder(self.dropout(x), padding)
+        return self.encoder(self.dropout(x), padding, last_only=last_only)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         if "targets" in batch:
@@ -61,5 +63,5 @@ class SequentialRecommender(nn.Module):
             valid = batch["targets"] > 0
             queries = hidden[valid]
             return {"logits": queries @ self.item_embedding.weight.T, "labels": batch["targets"][valid]}
-        hidden = self.encode(batch["history"])
+        hidden = self.encode(batch["history"], last_only=True)
         return {"scores": hidden[:, -1] @ self.item_embedding.weight.T}
