@@ -40,6 +40,12 @@ class DataConfig(Section):
 class TrainConfig(Section):
     max_epochs: int = Field(20, ge=1)
     batch_size: int = Field(256, ge=1)
+    batch_samples: int | None = Field(
+        None,
+        ge=1,
+        description="next-item training only: instead of batch_size sequences, batches of "
+        "similar-length sequences holding about this many training positions (samples) each",
+    )
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adam", "adamw"] = "adam"
@@ -116,6 +122,13 @@ class Recipe(Section):
                 raise ValueError("task next_item needs data.view: sequence and eval.protocol: leave_one_out")
             if any(parse_metric_name(m)[1] is None for m in self.eval.metrics):
                 raise ValueError("task next_item takes ranking metrics such as ndcg@10 in eval.metrics")
+            if self.train.batch_samples is not None and self.train.batch_samples < self.data.max_len:
+                raise ValueError(
+                    f"train.batch_samples ({self.train.batch_samples}) must be at least data.max_len "
+                    f"({self.data.max_len}): one sequence holds up to max_len samples"
+                )
+        elif self.train.batch_samples is not None:
+            raise ValueError("train.batch_samples applies to task next_item only; use train.batch_size")
         if self.task == "ctr" and any(parse_metric_name(m)[1] is not None for m in self.eval.metrics):
             raise ValueError("task ctr takes auc, gauc and logloss in eval.metrics")
         return self

@@ -257,13 +257,20 @@ class RexDataModule(L.LightningDataModule):
             train = split == "train"
             batch_size = self.recipe.train.batch_size if train else self.recipe.eval.batch_size
             pairs = train and self.recipe.data.view == "sequence"
+            columns = self._columns(split)
+            budget = None
+            if pairs and self.recipe.train.batch_samples is not None:
+                items = columns["items"]
+                assert isinstance(items, Ragged)
+                budget = (items.lengths() - 1, self.recipe.train.batch_samples)  # inputs with a next item
             self._loaders[split] = BatchLoader(
-                self._columns(split),
+                columns,
                 batch_size,
                 shuffle=train,
                 seed=self.seed,
                 transform=_then(next_item_pairs if pairs else None, self.user_join()),
                 by_length=not train,
+                budget=budget,
             )
         return self._loaders[split]
 

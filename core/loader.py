@@ -31,10 +31,13 @@ class EpochShuffle:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def generator(self, salt: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + salt * 7_919)
+
     def order(self) -> Tensor:
         if not self.shuffle:
             return self._order if self._order is not None else torch.arange(self.num_rows)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = self.generator()
         # Drawn into one buffer kept across epochs: a fresh (rows,) permutation each epoch is a
         # large allocation that the heap may not hand back, and RSS would creep per epoch.
         if self._order is None:
@@ -89,8 +92,12 @@ class BatchLoader:
     holds them padded only to the longest sequence in the batch. ``by_length`` (unshuffled
     loaders only) serves rows in order of their longest :class:`Ragged` list, so rows of similar
     length share a batch and little of it is padding: evaluation, whose metrics do not depend on
-    row order, then encodes a few times fewer positions. ``skip_batches(epoch, n)`` makes the
-    next pass over ``epoch`` start at batch ``n`` (used when resuming mid-epoch).
+    row order, then encodes a few times fewer positions. ``budget=(weights, samples)`` replaces
+    ``batch_size``: each epoch's shuffled rows are grouped by weight (a row's training samples)
+    into ``ceil(sum / samples)`` batches of about ``samples`` each, served in a shuffled order,
+    so a batch of long sequences holds fewer of them and padding stays small.
+    ``skip_batches(epoch, n)`` makes the next pass over ``epoch`` start at batch ``n`` (used when
+    resuming mid-epoch).
     """
 
     def __init__(
@@ -102,6 +109,7 @@ class BatchLoader:
         seed: int = 0,
         transform: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
         by_length: bool = False,
+        budget: tuple[Tensor, int] | None = None,
     ) -> None:
         sizes = {name: len(column) for name, column in columns.items()}
         if len(set(sizes.values())) != 1:
@@ -114,12 +122,31 @@ class BatchLoader:
         if by_length and lists:
             fixed = torch.argsort(torch.stack(lists).amax(dim=0), stable=True)
         self.sampler = EpochShuffle(self.num_rows, seed, shuffle, fixed)
+        self.budget = budget
         self.transform = transform
         self.batch_sampler = None  # Lightning inspects loaders as it would a torch DataLoader
         self._resume: tuple[int, int] | None = None
 
     def __len__(self) -> int:
+        if self.budget is not None:
+            weights, samples = self.budget
+            return max(-(-int(weights.sum()) // samples), 1)
         return -(-self.num_rows // self.batch_size)
+
+    def _batches(self, order: Tensor) -> list[Tensor]:
+        if self.budget is None:
+            return list(order.split(self.batch_size))
+        weights, _ = self.budget
+        count = len(self)
+        # A stable sort of the shuffled rows: equal weights stay in random order.
+        rows = order[torch.argsort(weights[order], stable=True)]
+        sorted_weights = weights[rows]
+        before = torch.cumsum(sorted_weights, 0) - sorted_weights
+        total = max(int(sorted_weights.sum()), 1)
+        batch_of = before * count // total
+        pieces = rows.split(torch.bincount(batch_of, minlength=count).tolist())
+        shuffled = torch.randperm(count, generator=self.sampler.generator(salt=1)).tolist()
+        return [pieces[i] for i in shuffled if len(pieces[i])]
 
     def skip_batches(self, epoch: int, batches: int) -> None:
         self._resume = (epoch, batches)
@@ -133,8 +160,7 @@ class BatchLoader:
             self._resume = None
             if epoch == self.sampler.epoch:
                 start = batches
-        for first in range(start * self.batch_size, self.num_rows, self.batch_size):
-            index = order[first : first + self.batch_size]
+        for index in self._batches(order)[start:]:
             batch = {name: _select(column, index) for name, column in self.columns.items()}
             yield self.transform(batch) if self.transform is not None else batch
 

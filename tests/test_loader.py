@@ -43,6 +43,29 @@ def test_by_length_serves_every_row_once_shortest_first_in_tight_batches():
     assert sorted(torch.cat([b["history"][:, -1] for b in shuffled]).tolist()) == [0, 3, 4, 9]
 
 
+def test_sample_budget_batches_cover_each_row_once_with_about_the_budget_each():
+    lengths = torch.randint(1, 30, (500,), generator=torch.Generator().manual_seed(0))
+    loader = BatchLoader(
+        {"row": torch.arange(500)}, batch_size=1, shuffle=True, seed=3, budget=(lengths, 200)
+    )
+    total = int(lengths.sum())
+    assert len(loader) == -(-total // 200)
+    first = [batch["row"] for batch in loader]
+    assert len(first) == len(loader)
+    assert sorted(torch.cat(first).tolist()) == list(range(500))
+    sums = [int(lengths[rows].sum()) for rows in first]
+    assert max(sums) < 200 + 30 and min(sums) > 200 - 2 * 30
+    # Similar lengths share a batch: a narrow range each (random batches would span about 28).
+    assert max(int(lengths[rows].max() - lengths[rows].min()) for rows in first) <= 6
+    again = [batch["row"] for batch in loader]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))  # same epoch, same batches
+    loader.sampler.set_epoch(1)
+    assert not all(torch.equal(a, b["row"]) for a, b in zip(first, loader, strict=False))
+    loader.sampler.set_epoch(0)
+    loader.skip_batches(0, 4)
+    assert all(torch.equal(a, b["row"]) for a, b in zip(first[4:], loader, strict=True))
+
+
 def test_dense_sequences_are_trimmed_to_the_batch_maximum():
     dense = torch.tensor([[0, 0, 0, 1], [0, 0, 2, 3], [0, 4, 5, 6]])
     loader = BatchLoader({"history": dense, "user": torch.tensor([1, 2, 3])}, batch_size=2)

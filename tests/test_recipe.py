@@ -129,3 +129,18 @@ def test_unresolvable_interpolation(tmp_path):
 def test_shipped_recipes_load(recipe):
     loaded = load_recipe(recipe)
     assert loaded.recipe.name == recipe.stem
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "fragment"),
+    [
+        ("deepfm.yaml", ["train.batch_samples=2048"], "applies to task next_item only"),
+        ("sasrec.yaml", ["train.batch_samples=20"], "must be at least data.max_len"),
+    ],
+)
+def test_batch_samples_is_checked_against_task_and_max_len(recipe, overrides, fragment):
+    with pytest.raises(RecipeError, match=fragment):
+        load_recipe(Path(__file__).resolve().parents[1] / "recipes" / recipe, overrides)
+    assert load_recipe(
+        Path(__file__).resolve().parents[1] / "recipes" / "sasrec.yaml", ["train.batch_samples=64"]
+    )
