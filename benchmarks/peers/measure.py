@@ -1,0 +1,42 @@
+"""What the SASRec and data-preparation workers share: the command line and peak RSS.
+
+Imported by ``rex_worker.py`` and ``recbole_worker.py``, each in its own venv, so it needs
+nothing beyond the standard library and torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+Tasks = dict[str, Callable[[argparse.Namespace], dict[str, Any]]]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (Linux reports ``ru_maxrss`` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_main(framework: str, description: str, tasks: Tasks, datasets: list[str]) -> None:
+    """Parse the shared flags, run one task, write its result (plus who and how) to ``--out``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--task", choices=sorted(tasks), required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--dataset", default=datasets[0], choices=datasets, help="prep: which dataset")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=2020)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=3, help="throughput: untimed batches first")
+    parser.add_argument("--batches", type=int, default=20, help="throughput: timed batches")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = tasks[args.task](args)
+    result |= {"framework": framework, "task": args.task, "threads": torch.get_num_threads()}
+    args.out.write_text(json.dumps(result, indent=1))

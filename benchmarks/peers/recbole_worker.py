@@ -1,0 +1,191 @@
+"""One RecBole measurement in a fresh process (runs in the RecBole venv; see run.py).
+
+Tasks, each writing one JSON object to ``--out``:
+
+* ``prep``: the time from RecBole's atomic files to the first training batch
+  (``Config`` + ``create_dataset`` + ``data_preparation`` + one batch), and peak RSS.
+* ``throughput``: SASRec on Beauty: ``--warmup`` batches, then ``--batches`` timed training
+  batches through RecBole's own ``Trainer._train_epoch``; then one timed full-ranking
+  evaluation over all test users (``Trainer.evaluate``).
+* ``accuracy``: SASRec on Beauty for ``--epochs`` epochs, validating after each (the wall time
+  and validation NDCG@10 after every epoch), then the test metrics.
+
+A RecBole "sample" is one row of its training data: a prefix of a user's sequence and the next
+item, so samples per epoch = training interactions − users.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from measure import peak_rss_mb, worker_main
+from recbole.config import Config
+from recbole.data import create_dataset, data_preparation
+from recbole.model.sequential_recommender import SASRec
+from recbole.trainer import Trainer
+from recbole.utils import init_seed
+
+PEERS = Path(__file__).resolve().parents[1] / ".peers"
+
+# The benchmark's SASRec: max length 50, hidden 64, 2 layers, 2 heads, CE over all items,
+# batch 2048; dropout, FFN width and lr are RecBole's SASRec defaults and rex's recipe uses them.
+SASREC = {
+    "MAX_ITEM_LIST_LENGTH": 50,
+    "hidden_size": 64,
+    "inner_size": 256,
+    "n_layers": 2,
+    "n_heads": 2,
+    "hidden_dropout_prob": 0.5,
+    "attn_dropout_prob": 0.5,
+    "hidden_act": "gelu",
+    "loss_type": "CE",
+    "train_neg_sample_args": None,
+    "train_batch_size": 2048,
+    "eval_batch_size": 2048,
+    "learning_rate": 0.001,
+    "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"},
+    "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+    "metrics": ["NDCG", "Hit"],
+    "topk": [10],
+    "valid_metric": "NDCG@10",
+}
+# ml-1m has no order: a general recommender's build (random 8:1:1 split, one uniform negative
+# per training pair), loading the same user and movie features rex's ml-1m dataset carries.
+ML1M = {
+    "load_col": {
+        "inter": ["user_id", "item_id"],
+        "user": ["user_id", "gender", "age", "occupation", "zip"],
+        "item": ["item_id", "release_year", "genre"],
+    },
+    "eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "RO", "mode": "full", "group_by": "user"},
+    "train_batch_size": 4096,
+}
+
+
+def config(model: str, dataset: str, extra: dict[str, Any], seed: int) -> Config:
+    return Config(
+        model=model,
+        dataset=dataset,
+        config_dict={
+            "data_path": str(PEERS / "data" / "recbole"),
+            "checkpoint_dir": str(PEERS / "recbole_saved"),
+            "use_gpu": False,
+            "device": "cpu",
+            "show_progress": False,
+            "state": "WARNING",
+            "seed": seed,
+            "reproducibility": True,
+            "worker": 0,
+            "user_inter_num_interval": "[0,inf)",
+            "item_inter_num_interval": "[0,inf)",
+            **extra,
+        },
+    )
+
+
+class FirstBatches:
+    """The first ``count`` batches of a RecBole loader, for ``Trainer._train_epoch``."""
+
+    def __init__(self, loader: Any, count: int) -> None:
+        self.loader, self.count, self.shuffle, self.rows = loader, count, False, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for index, batch in enumerate(self.loader):
+            if index == self.count:
+                return
+            self.rows += len(batch)
+            yield batch
+
+
+def prep(dataset: str) -> dict[str, Any]:
+    started = time.perf_counter()
+    model, extra = ("SASRec", SASREC) if dataset == "beauty" else ("BPR", ML1M)
+    cfg = config(model, dataset, extra, seed=2020)
+    init_seed(cfg["seed"], cfg["reproducibility"])
+    data = create_dataset(cfg)
+    train, _, _ = data_preparation(cfg, data)
+    next(iter(train))
+    return {"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+
+
+def _sasrec(seed: int) -> tuple[Trainer, Any, Any, Any, float]:
+    started = time.perf_counter()
+    cfg = config("SASRec", "beauty", SASREC, seed)
+    init_seed(cfg["seed"], cfg["reproducibility"])
+    data = create_dataset(cfg)
+    train, valid, test = data_preparation(cfg, data)
+    model = SASRec(cfg, train.dataset).to(cfg["device"])
+    return Trainer(cfg, model), train, valid, test, time.perf_counter() - started
+
+
+def _timed_eval(trainer: Trainer, loader: Any) -> tuple[dict[str, float], float]:
+    started = time.perf_counter()
+    result = trainer.evaluate(loader, load_best_model=False, show_progress=False)
+    return {k: float(v) for k, v in result.items()}, time.perf_counter() - started
+
+
+def throughput(seed: int, warmup: int, batches: int) -> dict[str, Any]:
+    trainer, train, _, test, load_s = _sasrec(seed)
+    trainer._train_epoch(FirstBatches(train, warmup), 0)
+    timed = FirstBatches(train, batches)
+    started = time.perf_counter()
+    trainer._train_epoch(timed, 0)
+    train_s = time.perf_counter() - started
+    _, eval_s = _timed_eval(trainer, test)
+    return {
+        "load_s": load_s,
+        "samples": timed.rows,
+        "train_s": train_s,
+        "samples_per_s": timed.rows / train_s,
+        "eval_s": eval_s,
+        "eval_users": len(test.dataset.inter_feat) if hasattr(test.dataset, "inter_feat") else None,
+        "samples_per_epoch": len(train.dataset),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def accuracy(seed: int, epochs: int) -> dict[str, Any]:
+    """As ``Trainer.fit`` does: validate after every epoch, test the best validation epoch."""
+    trainer, train, valid, test, load_s = _sasrec(seed)
+    curve, wall = [], 0.0
+    best_score, best_state = -1.0, None
+    for epoch in range(epochs):
+        started = time.perf_counter()
+        trainer._train_epoch(train, epoch)
+        train_s = time.perf_counter() - started
+        score, result = trainer._valid_epoch(valid)
+        wall += time.perf_counter() - started
+        curve.append(
+            {"epoch": epoch + 1, "train_s": train_s, "wall_s": wall, "val_ndcg@10": float(result["ndcg@10"])}
+        )
+        print(json.dumps(curve[-1]), flush=True)
+        if score > best_score:
+            best_score, best_state = score, copy.deepcopy(trainer.model.state_dict())
+    trainer.model.load_state_dict(best_state)
+    test_result, eval_s = _timed_eval(trainer, test)
+    return {
+        "load_s": load_s,
+        "curve": curve,
+        "test": test_result,
+        "test_eval_s": eval_s,
+        "samples_per_epoch": len(train.dataset),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def main() -> None:
+    tasks = {
+        "prep": lambda args: prep(args.dataset),
+        "throughput": lambda args: throughput(args.seed, args.warmup, args.batches),
+        "accuracy": lambda args: accuracy(args.seed, args.epochs),
+    }
+    worker_main("recbole", __doc__.splitlines()[0], tasks, ["beauty", "ml-1m"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""One rex measurement in a fresh process (runs in the rex venv; see run.py).
+
+Tasks, each writing one JSON object to ``--out``, mirror ``recbole_worker.py``:
+
+* ``prep``: the time from the extracted raw file to the first training batch: ``rex data
+  prepare`` (every table of the dataset, into a scratch data root) + the recipe's data module
+  + one batch; and peak RSS.
+* ``throughput``: ``recipes/sasrec.yaml`` at the benchmark's shape, ``--warmup`` batches, then
+  ``--batches`` timed training batches, then one timed full-ranking test over all test users,
+  all through ``rex.train.run_one`` as ``rex train`` runs them.
+* ``accuracy``: the same recipe for ``--epochs`` epochs, validating after each (wall time and
+  validation NDCG@10 after every epoch), then the test metrics of the last epoch.
+
+A rex "sample" is what a RecBole sample is: one position of a user's training sequence with a
+next item to predict (rex trains every position of a sequence in one forward pass).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from measure import peak_rss_mb, worker_main
+
+REPO = Path(__file__).resolve().parents[2]
+# RecBole's batch is 2,048 samples (prefixes); rex's train.batch_samples makes the same: batches
+# of similar-length sequences holding about 2,048 training positions each.
+SASREC_OVERRIDES = [
+    "model.dim=64",
+    "model.encoder.num_layers=2",
+    "model.encoder.num_heads=2",
+    "model.encoder.ffn_dim=256",
+    "data.max_len=50",
+    # lr and the encoder's dropout as `rex sweep sweeps/sasrec_beauty.yaml` chose them on
+    # validation; RecBole keeps its SASRec defaults (lr 1e-3, dropout 0.5).
+    "train.lr=0.0037",
+    "model.encoder.dropout=0.1",
+    "train.batch_samples=2048",
+    "train.patience=null",
+    "eval.batch_size=2048",
+    "logging.progress_bar=false",
+]
+PREP_RECIPES = {
+    "beauty": ("recipes/sasrec.yaml", []),
+    "ml-1m": (
+        "recipes/deepfm.yaml",
+        ["data.name=ml-1m", "model.use_fields=[user,item,age,gender,occupation,zip]"],
+    ),
+}
+
+
+def prep(dataset: str) -> dict[str, Any]:
+    from rex.data.prepare import RAW_DIR, data_root, prepare_dataset
+    from rex.datamodule import RexDataModule
+    from rex.recipe import load_recipe
+
+    recipe_path, overrides = PREP_RECIPES[dataset]
+    with tempfile.TemporaryDirectory(dir=REPO / "benchmarks" / ".peers") as scratch:
+        # The raw archive is already extracted (as RecBole's atomic files are already written):
+        # both sides start from files on disk.
+        shutil.copytree(data_root() / RAW_DIR, Path(scratch) / RAW_DIR, symlinks=True)
+        os.chdir(REPO)
+        started = time.perf_counter()
+        prepare_dataset(dataset, root=Path(scratch), force=True)
+        recipe = load_recipe(REPO / recipe_path, [f"data.name={dataset}", *overrides]).recipe
+        module = RexDataModule(recipe, Path(scratch) / dataset, seed=42)
+        next(iter(module.train_dataloader()))
+        seconds = time.perf_counter() - started
+    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb()}
+
+
+class Timeline(Callback):
+    """Samples and seconds of training batches after ``warmup``, the wall time and validation
+    NDCG@10 after each epoch, and the seconds of the test loop."""
+
+    def __init__(self, warmup: int = 0) -> None:
+        self.warmup = warmup
+        self.samples = self.batches = 0
+        self.train_s = self.test_s = 0.0
+        self.curve: list[dict[str, float]] = []
+        self._fit_start = self._epoch_start = self._batch_start = self._test_start = 0.0
+        self._epoch_train_s = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, module: L.LightningModule, batch: Any, index: int
+    ) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, index: int
+    ) -> None:
+        self.batches += 1
+        if self.batches > self.warmup:
+            self.train_s += time.perf_counter() - self._batch_start
+            self.samples += int((batch["targets"] > 0).sum())
+
+    def on_validation_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._epoch_train_s = time.perf_counter() - self._epoch_start
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.curve.append(
+            {
+                "epoch": trainer.current_epoch + 1,
+                "train_s": self._epoch_train_s,
+                "wall_s": time.perf_counter() - self._fit_start,
+                "val_ndcg@10": float(trainer.callback_metrics["val/ndcg@10"]),
+            }
+        )
+        print(json.dumps(self.curve[-1]), flush=True)
+
+    def on_test_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._test_start = time.perf_counter()
+
+    def on_test_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.test_s = time.perf_counter() - self._test_start
+
+
+def _run(overrides: list[str], timeline: Timeline, seed: int) -> dict[str, Any]:
+    from rex.recipe import load_recipe
+    from rex.train import run_one
+
+    os.chdir(REPO)
+    loaded = load_recipe(REPO / "recipes" / "sasrec.yaml", [*SASREC_OVERRIDES, *overrides])
+    with tempfile.TemporaryDirectory(dir=REPO / "benchmarks" / ".peers") as run_dir:
+        started = time.perf_counter()
+        result = run_one(loaded, seed, Path(run_dir), extra_callbacks=[timeline])
+        result["process_s"] = time.perf_counter() - started
+    return result
+
+
+def throughput(seed: int, warmup: int, batches: int) -> dict[str, Any]:
+    timeline = Timeline(warmup)
+    result = _run(["train.max_epochs=1", f"train.limit_train_batches={warmup + batches}"], timeline, seed)
+    return {
+        "samples": timeline.samples,
+        "train_s": timeline.train_s,
+        "samples_per_s": timeline.samples / timeline.train_s,
+        "eval_s": timeline.test_s,
+        "test": result["test"],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def accuracy(seed: int, epochs: int) -> dict[str, Any]:
+    timeline = Timeline()
+    result = _run([f"train.max_epochs={epochs}"], timeline, seed)
+    return {
+        "curve": timeline.curve,
+        "test": result["test"],
+        "best_epoch_tested": result["best"]["checkpoint"],
+        "test_eval_s": timeline.test_s,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def main() -> None:
+    tasks = {
+        "prep": lambda args: prep(args.dataset),
+        "throughput": lambda args: throughput(args.seed, args.warmup, args.batches),
+        "accuracy": lambda args: accuracy(args.seed, args.epochs),
+    }
+    worker_main("rex", __doc__.splitlines()[0], tasks, sorted(PREP_RECIPES))
+
+
+if __name__ == "__main__":
+    main()

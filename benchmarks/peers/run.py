@@ -1,0 +1,389 @@
+"""rex against RecBole (SASRec on Beauty, data preparation) and a CTR peer (DeepFM on Frappe).
+
+Every measurement is a fresh process in its framework's own venv (``install.sh`` makes the
+peers'), alternating rex and the peer (A B A B) so drifting machine load hits both alike.
+Medians over the repeats are reported with the rex/peer ratio. Throughput workers warm up
+before they time anything.
+
+    python benchmarks/peers/run.py              # the table in benchmarks/results/peers.{md,json}
+    python benchmarks/peers/run.py --quick      # a smoke run: 1 repeat, few batches, 1 epoch
+
+Sections: ``prep`` (raw file -> first training batch, Beauty and ml-1m), ``sasrec``
+(throughput, full-ranking evaluation, time to accuracy, peak RSS, test NDCG@10) and
+``deepfm`` (training and evaluation rows/s, peak RSS, test AUC). ``--only`` picks some.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+PEERS = REPO / "benchmarks" / ".peers"
+RESULTS = REPO / "benchmarks" / "results"
+LOGS = PEERS / "logs"
+PYTHON = {
+    "rex": REPO / ".venv" / "bin" / "python",
+    "recbole": PEERS / "recbole" / "bin" / "python",
+    "rechub": PEERS / "rechub" / "bin" / "python",
+}
+# DeepFM's peer is torch-rechub: FuxiCTR's PyPI package ships no models (they live in its
+# GitHub model_zoo), see install_ctr_peer.sh.
+CTR_PEER = "rechub"
+Result = dict[str, Any]
+
+
+def log(message: str) -> None:
+    print(f"[peers {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def worker(framework: str, script: str, task: str, *args: str, threads: int) -> Result:
+    """Run one measurement process; its output goes to a log file, its result comes back."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(suffix=".json", dir=PEERS, delete=False) as handle:
+        out = Path(handle.name)
+    stem = f"{framework}-{task}-{'-'.join(a.strip('-') for a in args) or 'default'}"
+    log_file = LOGS / f"{stem}.log"
+    command = [
+        str(PYTHON[framework]),
+        str(HERE / script),
+        "--task",
+        task,
+        "--out",
+        str(out),
+        "--threads",
+        str(threads),
+    ]
+    started = time.perf_counter()
+    with log_file.open("w") as handle:
+        # RecBole writes log_tensorboard/ into its working directory: keep it under .peers.
+        cwd = REPO if framework == "rex" else PEERS
+        code = subprocess.call([*command, *args], stdout=handle, stderr=subprocess.STDOUT, cwd=cwd)
+    if code != 0:
+        tail = "\n".join(log_file.read_text().splitlines()[-15:])
+        raise SystemExit(f"{framework} {task} failed (exit {code}); log {log_file}:\n{tail}")
+    result = json.loads(out.read_text())
+    out.unlink()
+    log(f"{framework:8s} {task} {' '.join(args)}: {time.perf_counter() - started:.0f} s")
+    return result
+
+
+def alternate(calls: dict[str, Callable[[], Result]], repeats: int) -> dict[str, list[Result]]:
+    """A B A B ...: each call ``repeats`` times, interleaved."""
+    results: dict[str, list[Result]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            results[name].append(call())
+    return results
+
+
+def median(results: list[Result], key: str) -> float:
+    return statistics.median(r[key] for r in results)
+
+
+# --------------------------------------------------------------------------------------------
+# sections
+
+
+def prep(args: argparse.Namespace) -> Result:
+    out: Result = {}
+    for dataset in ("beauty", "ml-1m"):
+        runs = alternate(
+            {
+                "rex": lambda d=dataset: worker(
+                    "rex", "rex_worker.py", "prep", "--dataset", d, threads=args.threads
+                ),
+                "recbole": lambda d=dataset: worker(
+                    "recbole", "recbole_worker.py", "prep", "--dataset", d, threads=args.threads
+                ),
+            },
+            args.repeats,
+        )
+        out[dataset] = {
+            name: {"seconds": median(r, "seconds"), "peak_rss_mb": median(r, "peak_rss_mb"), "runs": r}
+            for name, r in runs.items()
+        }
+    return out
+
+
+def sasrec(args: argparse.Namespace) -> Result:
+    batches = ["--warmup", str(args.warmup), "--batches", str(args.batches)]
+    runs = alternate(
+        {
+            "rex": lambda: worker("rex", "rex_worker.py", "throughput", *batches, threads=args.threads),
+            "recbole": lambda: worker(
+                "recbole", "recbole_worker.py", "throughput", *batches, threads=args.threads
+            ),
+        },
+        args.repeats,
+    )
+    epochs = ["--epochs", str(args.epochs)]
+    accuracy = alternate(
+        {
+            "rex": lambda: worker("rex", "rex_worker.py", "accuracy", *epochs, threads=args.threads),
+            "recbole": lambda: worker(
+                "recbole", "recbole_worker.py", "accuracy", *epochs, threads=args.threads
+            ),
+        },
+        1,
+    )
+    out: Result = {}
+    for name in runs:
+        acc = accuracy[name][0]
+        out[name] = {
+            "samples_per_s": median(runs[name], "samples_per_s"),
+            "eval_s": median(runs[name], "eval_s"),
+            "curve": acc["curve"],
+            "test_ndcg@10": acc["test"]["ndcg@10"],
+            "test": acc["test"],
+            "peak_rss_mb": acc["peak_rss_mb"],
+            "throughput_runs": runs[name],
+        }
+    # Time to accuracy: RecBole's validation NDCG@10 after its last epoch is the bar; the wall
+    # time (training + validation, data loading excluded on both sides) until each reaches it.
+    bar = out["recbole"]["curve"][-1]["val_ndcg@10"]
+    for name in out:
+        reached = [point for point in out[name]["curve"] if point["val_ndcg@10"] >= bar]
+        out[name]["time_to_bar_s"] = reached[0]["wall_s"] if reached else None
+        out[name]["epochs_to_bar"] = reached[0]["epoch"] if reached else None
+    out["bar_val_ndcg@10"] = bar
+    return out
+
+
+def deepfm(args: argparse.Namespace) -> Result:
+    batches = ["--warmup", str(args.warmup), "--batches", str(args.batches * 4)]
+    scripts = {"rex": "ctr_worker_rex.py", CTR_PEER: f"ctr_worker_{CTR_PEER}.py"}
+    runs = alternate(
+        {
+            name: lambda name=name: worker(name, scripts[name], "throughput", *batches, threads=args.threads)
+            for name in scripts
+        },
+        args.repeats,
+    )
+    accuracy = alternate(
+        {
+            name: lambda name=name: worker(name, scripts[name], "accuracy", threads=args.threads)
+            for name in scripts
+        },
+        1,
+    )
+    return {
+        name: {
+            "train_rows_per_s": median(runs[name], "train_rows_per_s"),
+            "eval_rows_per_s": median(runs[name], "eval_rows_per_s"),
+            "test_auc": accuracy[name][0]["test"]["auc"],
+            "epochs": len(accuracy[name][0].get("val_auc_per_epoch", [])),
+            "peak_rss_mb": accuracy[name][0]["peak_rss_mb"],
+            "throughput_runs": runs[name],
+            "accuracy_run": accuracy[name][0],
+        }
+        for name in scripts
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.{digits}f}"
+
+
+def verdict(ok: bool | None) -> str:
+    return "—" if ok is None else ("met" if ok else "**not met**")
+
+
+def markdown(results: Result, machine: Result) -> str:
+    lines = [
+        "# rex against its peers",
+        "",
+        f"Measured {machine['date']} on {machine['cpu']} ({machine['cores']} cores, "
+        f"{machine['threads']} torch threads per side), {machine['python']}, torch "
+        f"{machine['torch']}; RecBole {machine.get('recbole', '?')}, torch-rechub "
+        f"{machine.get('torch-rechub', '?')}. Medians of "
+        f"{machine['repeats']} alternating runs (rex, peer, rex, peer, ...); time to accuracy and "
+        "test metrics from one run each. Reproduce: `python benchmarks/peers/run.py`.",
+        "",
+    ]
+    if "sasrec" in results:
+        s = results["sasrec"]
+        rex, peer = s["rex"], s["recbole"]
+        tta = ratio(peer["time_to_bar_s"], rex["time_to_bar_s"])
+        ev = ratio(peer["eval_s"], rex["eval_s"])
+        lines += [
+            "## SASRec on Amazon Beauty (leave-one-out, full ranking over all items)",
+            "",
+            "Max length 50, hidden 64, 2 layers, 2 heads, softmax CE over all items, 2,048 samples "
+            "a batch, Adam 1e-3, fp32. A *sample* is one training position with a next item "
+            "(a RecBole training row); rex trains all positions of a sequence in one pass, "
+            "`train.batch_samples=2048` makes its batches of about 2,048 samples too, grouping "
+            "sequences of similar length.",
+            "",
+            "| measure | rex | RecBole | rex advantage | target | |",
+            "|---|---|---|---|---|---|",
+            f"| time to RecBole's epoch-{len(peer['curve'])} val NDCG@10 ({s['bar_val_ndcg@10']:.4f}), s "
+            f"| {fmt(rex['time_to_bar_s'])} (epoch {rex['epochs_to_bar'] or '—'}) "
+            f"| {fmt(peer['time_to_bar_s'])} | {fmt(tta)}× | ≥ 5× | {verdict(tta is not None and tta >= 5)} |",
+            f"| full-ranking test evaluation, s | {fmt(rex['eval_s'], 2)} | {fmt(peer['eval_s'], 2)} "
+            f"| {fmt(ev)}× | ≥ 5× | {verdict(ev is not None and ev >= 5)} |",
+            f"| training samples/s | {fmt(rex['samples_per_s'], 0)} | {fmt(peer['samples_per_s'], 0)} "
+            f"| {fmt(ratio(rex['samples_per_s'], peer['samples_per_s']))}× | | |",
+            f"| peak RSS, MB | {fmt(rex['peak_rss_mb'], 0)} | {fmt(peer['peak_rss_mb'], 0)} "
+            f"| {fmt(ratio(peer['peak_rss_mb'], rex['peak_rss_mb']))}× less | ≤ | "
+            f"{verdict(rex['peak_rss_mb'] <= peer['peak_rss_mb'])} |",
+            f"| test NDCG@10 after {len(peer['curve'])} epochs | {rex['test_ndcg@10']:.4f} "
+            f"| {peer['test_ndcg@10']:.4f} | {rex['test_ndcg@10'] - peer['test_ndcg@10']:+.4f} | ≥ | "
+            f"{verdict(rex['test_ndcg@10'] >= peer['test_ndcg@10'])} |",
+            "",
+            "Validation NDCG@10 by epoch (wall seconds: training + validation):",
+            "",
+            "| epoch | rex | RecBole |",
+            "|---|---|---|",
+        ]
+        for r, p in zip(rex["curve"], peer["curve"], strict=False):
+            lines.append(
+                f"| {r['epoch']} | {r['val_ndcg@10']:.4f} ({r['wall_s']:.0f} s) "
+                f"| {p['val_ndcg@10']:.4f} ({p['wall_s']:.0f} s) |"
+            )
+        lines.append("")
+    if "deepfm" in results:
+        rex, peer = results["deepfm"]["rex"], results["deepfm"][CTR_PEER]
+        speed = ratio(rex["train_rows_per_s"], peer["train_rows_per_s"])
+        gap = rex["test_auc"] - peer["test_auc"]
+        lines += [
+            "## DeepFM on Frappe (rex's random split, same rows on both sides)",
+            "",
+            "Embedding 10, MLP 400-400-400 with batch norm and dropout 0.2, Adam 1e-3, batch 4,096, "
+            "fp32; each side trains with early stopping on validation AUC (patience 3) and tests "
+            "its best epoch. The peer is torch-rechub 0.9.0: FuxiCTR's PyPI package has no models "
+            "(they live in its GitHub model_zoo).",
+            "",
+            "| measure | rex | torch-rechub | rex advantage | target | |",
+            "|---|---|---|---|---|---|",
+            f"| training rows/s | {fmt(rex['train_rows_per_s'], 0)} | {fmt(peer['train_rows_per_s'], 0)} "
+            f"| {fmt(speed)}× | ≥ 1.5× | {verdict(speed is not None and speed >= 1.5)} |",
+            f"| evaluation rows/s | {fmt(rex['eval_rows_per_s'], 0)} | {fmt(peer['eval_rows_per_s'], 0)} "
+            f"| {fmt(ratio(rex['eval_rows_per_s'], peer['eval_rows_per_s']))}× | | |",
+            f"| peak RSS, MB | {fmt(rex['peak_rss_mb'], 0)} | {fmt(peer['peak_rss_mb'], 0)} "
+            f"| {fmt(ratio(peer['peak_rss_mb'], rex['peak_rss_mb']))}× less | | |",
+            f"| test AUC (epochs run) | {rex['test_auc']:.4f} ({rex['epochs']}) | {peer['test_auc']:.4f} "
+            f"({peer['epochs']}) | {gap:+.4f} | ≥ −0.003 | {verdict(gap >= -0.003)} |",
+            "",
+        ]
+    if "prep" in results:
+        lines += [
+            "## Data preparation: raw file to the first training batch",
+            "",
+            "rex: `rex data prepare` (every table of the dataset) + the recipe's data module + one "
+            "batch. RecBole: `create_dataset` + `data_preparation` + one batch, from atomic files "
+            "written beforehand by `export.py` (not counted). Imports are not counted on either side.",
+            "",
+            "| dataset | rex, s | RecBole, s | rex advantage | rex peak RSS, MB | RecBole peak RSS, MB |",
+            "|---|---|---|---|---|---|",
+        ]
+        for dataset, sides in results["prep"].items():
+            rex, peer = sides["rex"], sides["recbole"]
+            lines.append(
+                f"| {dataset} | {rex['seconds']:.2f} | {peer['seconds']:.2f} "
+                f"| {fmt(ratio(peer['seconds'], rex['seconds']))}× | {rex['peak_rss_mb']:.0f} "
+                f"| {peer['peak_rss_mb']:.0f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def machine_info(args: argparse.Namespace) -> Result:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for name, python in PYTHON.items():
+        package = {"rex": "torch", "recbole": "recbole", "rechub": "torch-rechub"}[name]
+        if python.exists():
+            versions[package] = subprocess.run(
+                [str(python), "-c", f"from importlib.metadata import version; print(version('{package}'))"],
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": args.threads,
+        "python": platform.python_version(),
+        "repeats": args.repeats,
+        **versions,
+    }
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+SECTIONS = {"prep": prep, "deepfm": deepfm, "sasrec": sasrec}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", choices=sorted(SECTIONS), help="sections to run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed training batches per process")
+    parser.add_argument("--batches", type=int, default=10, help="timed training batches per process")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, 2 batches, 1 epoch")
+    parser.add_argument("--out", type=Path, default=RESULTS / "peers")
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.warmup, args.batches, args.epochs = 1, 1, 2, 1
+    missing = [name for name, python in PYTHON.items() if not python.exists()]
+    if missing:
+        log(f"installing peers ({', '.join(missing)}): benchmarks/peers/install.sh")
+        subprocess.check_call(["bash", str(HERE / "install.sh")], cwd=REPO)
+    subprocess.check_call([str(PYTHON["rex"]), str(HERE / "export.py")], cwd=REPO)
+    started = time.perf_counter()
+    results: Result = {}
+    for name in args.only or list(SECTIONS):
+        log(f"section {name}")
+        results[name] = SECTIONS[name](args)
+    machine = machine_info(args)
+    machine["seconds"] = round(time.perf_counter() - started)
+    report = markdown(results, machine)
+    suffix = "-quick" if args.quick else ""
+    atomic_write(
+        args.out.with_name(args.out.name + suffix + ".json"),
+        json.dumps({"machine": machine, **results}, indent=1),
+    )
+    atomic_write(args.out.with_name(args.out.name + suffix + ".md"), report + "\n")
+    print(report)
+    log(f"done in {machine['seconds']} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
