@@ -120,6 +120,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         f"train.batch_size={args.batch_size}",
         f"eval.batch_size={args.batch_size}",
         f"seed={args.seed}",
+        *args.override,
     ]
     clock = Clock(args.warmup, args.batches if throughput else None)
     with tempfile.TemporaryDirectory(prefix="rex-peer-") as tmp:
@@ -145,6 +146,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "seed": args.seed,
         "recipe": str(RECIPE.relative_to(REPO)),
+        "overrides": args.override,
         "load_s": round(clock.load_s or 0.0, 3),
         "test_rows": clock.test_rows,
         "eval_s": round(clock.test_s, 3),
@@ -194,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="throughput: untimed batches first")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--override", action="append", default=[], help="extra recipe override (ablations), repeatable"
+    )
     args = parser.parse_args(argv)
     result = measure(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
