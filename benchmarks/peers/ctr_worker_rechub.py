@@ -95,6 +95,8 @@ class Batches:
 
 def load(batch_size: int) -> tuple[list[SparseFeature], dict[str, Any]]:
     """The fields (with rex's vocabulary sizes) and the peer's train/valid/test DataLoaders."""
+    if not (DATA / "fields.json").is_file():
+        raise SystemExit(f"{DATA}: no export; run `.venv/bin/python benchmarks/peers/export_frappe.py` first")
     sizes = json.loads((DATA / "fields.json").read_text())["fields"]
     frames = {split: pd.read_csv(DATA / f"{split}.csv") for split in SPLITS}
     # Embeddings start as rex's do (normal, std 0.01), through the peer's own initializer option.
