@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import re
-import resource
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -47,6 +46,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from measure import ctr_parser, peak_rss_mb, write_result  # noqa: E402
 from sklearn.metrics import log_loss  # noqa: E402
 from torch_rechub.basic.features import SparseFeature  # noqa: E402
 from torch_rechub.basic.initializers import RandomNormal  # noqa: E402
@@ -111,11 +111,6 @@ def load(batch_size: int) -> tuple[list[SparseFeature], dict[str, Any]]:
         x_val=x["valid"], y_val=y["valid"], x_test=x["test"], y_test=y["test"], batch_size=batch_size
     )
     return features, {"train": train, "valid": valid, "test": test}
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS of this process in MB (``ru_maxrss`` is in KiB on Linux)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -205,21 +200,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="One torch-rechub DeepFM-on-Frappe measurement.")
-    parser.add_argument("--task", choices=("throughput", "accuracy"), required=True)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--epochs", type=int, default=50, help="accuracy: epoch cap")
-    parser.add_argument("--patience", type=int, default=3, help="accuracy: early-stopping patience")
-    parser.add_argument("--batches", type=int, default=40, help="throughput: timed training batches")
-    parser.add_argument("--warmup", type=int, default=3, help="throughput: untimed batches first")
-    parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--seed", type=int, default=42)
+    parser = ctr_parser("One torch-rechub DeepFM-on-Frappe measurement.")
     args = parser.parse_args(argv)
-    result = measure(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if not k.endswith("_per_epoch")}))
+    write_result(args.out, measure(args))
 
 
 if __name__ == "__main__":

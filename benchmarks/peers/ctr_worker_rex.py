@@ -25,10 +25,8 @@ What is measured:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +35,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from measure import ctr_parser, peak_rss_mb, write_result
 
 from rex.recipe import load_recipe
 from rex.train import run_one
@@ -103,11 +102,6 @@ class Clock(Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.test_s = time.perf_counter() - self._test_start
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS of this process in MB (``ru_maxrss`` is in KiB on Linux)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -186,24 +180,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="One rex DeepFM-on-Frappe measurement.")
-    parser.add_argument("--task", choices=("throughput", "accuracy"), required=True)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--epochs", type=int, default=50, help="accuracy: epoch cap")
-    parser.add_argument("--patience", type=int, default=3, help="accuracy: early-stopping patience")
-    parser.add_argument("--batches", type=int, default=40, help="throughput: timed training batches")
-    parser.add_argument("--warmup", type=int, default=3, help="throughput: untimed batches first")
-    parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--seed", type=int, default=42)
+    parser = ctr_parser("One rex DeepFM-on-Frappe measurement.")
     parser.add_argument(
         "--override", action="append", default=[], help="extra recipe override (ablations), repeatable"
     )
     args = parser.parse_args(argv)
-    result = measure(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if not k.endswith("_per_epoch")}))
+    write_result(args.out, measure(args))
 
 
 if __name__ == "__main__":

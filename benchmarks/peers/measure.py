@@ -40,3 +40,25 @@ def worker_main(framework: str, description: str, tasks: Tasks, datasets: list[s
     result = tasks[args.task](args)
     result |= {"framework": framework, "task": args.task, "threads": torch.get_num_threads()}
     args.out.write_text(json.dumps(result, indent=1))
+
+
+def ctr_parser(description: str) -> argparse.ArgumentParser:
+    """The DeepFM workers' flags, the same for rex and its peer."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--task", choices=("throughput", "accuracy"), required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--epochs", type=int, default=50, help="accuracy: epoch cap")
+    parser.add_argument("--patience", type=int, default=3, help="accuracy: early-stopping patience")
+    parser.add_argument("--batches", type=int, default=40, help="throughput: timed training batches")
+    parser.add_argument("--warmup", type=int, default=3, help="throughput: untimed batches first")
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--seed", type=int, default=42)
+    return parser
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    """The result as JSON at ``path``, and its scalar summary on stdout (the worker's log)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if not k.endswith("_per_epoch")}))
