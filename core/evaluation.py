@@ -49,6 +49,7 @@ class RankingEvaluator(Evaluator):
         rows = batch["target"].shape[0]
         for start in range(0, rows, self.chunk_rows):
             chunk = {name: value[start : start + self.chunk_rows] for name, value in batch.items()}
+            chunk["history"] = _trim_left_padding(chunk["history"])
             scores = model(chunk)["scores"].float()
             scores[:, 0] = -torch.inf
             if self.exclude_history:
@@ -64,6 +65,13 @@ class RankingEvaluator(Evaluator):
             assert k is not None
             out[name] = float(M.RANKING_METRICS[metric](ranks, k, self._num_items).mean())
         return out
+
+
+def _trim_left_padding(history: Tensor) -> Tensor:
+    """Drops the columns that are padding in every row: a chunk of short histories cut from a
+    batch padded for a longer one is encoded at its own width."""
+    used = (history != 0).any(dim=0).nonzero()
+    return history[:, int(used[0]) :] if used.numel() else history[:, -1:]
 
 
 class ClickEvaluator(Evaluator):

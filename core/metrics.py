@@ -231,9 +231,9 @@ def target_rank(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         )
     target_score = s.gather(1, t.unsqueeze(1))  # (B, 1)
     # ">=" counts the target itself once; a -inf item is never >= a finite target score.
-    # Counted in int32 (a row has far fewer than 2**31 items): summing bools into int64
-    # converts the whole (B, N) mask first and takes twice as long.
-    rank = (s >= target_score).sum(dim=1, dtype=torch.int32).long() - 1
+    # Counted as bytes into int32 (a row has far fewer than 2**31 items): summing bools into
+    # int64 converts the whole (B, N) mask first and takes twice as long.
+    rank = (s >= target_score).view(torch.uint8).sum(dim=1, dtype=torch.int32).long() - 1
     masked = torch.isneginf(target_score.squeeze(1)) | torch.isnan(target_score.squeeze(1))
     return torch.where(masked, torch.full_like(rank, num_items), rank)
 

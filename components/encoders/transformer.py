@@ -10,6 +10,9 @@ from rex.components.encoders.dropout import Dropout, dropout
 from rex.registry import register
 
 
+SHORT_ON_CPU = 128  # sequence length up to which CPU attention skips SDPA
+
+
 class _Block(nn.Module):
     """LayerNorm → self-attention → residual; LayerNorm → FFN(GELU) → residual."""
 
@@ -45,12 +48,15 @@ class _Block(nn.Module):
             # row gets uniform weights instead of NaN.
             neg = torch.finfo(q.dtype).min / 2
             attn_mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, neg)
-        if self.training and self.attn_dropout > 0:
-            # SDPA's own dropout falls back to slow bernoulli sampling on CPU.
+        # SDPA's own dropout falls back to slow bernoulli sampling on CPU, and for short CPU
+        # sequences its per-call overhead outweighs the fused kernel (Beauty's full-ranking
+        # evaluation: 0.83 s with SDPA, 0.65 s with the plain product on 2 cores).
+        dropping = self.training and self.attn_dropout > 0
+        if dropping or (q.device.type == "cpu" and length <= SHORT_ON_CPU):
             scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
             if attn_mask is not None:
                 scores = scores + attn_mask
-            weights = dropout(scores.softmax(dim=-1), self.attn_dropout, True)
+            weights = dropout(scores.softmax(dim=-1), self.attn_dropout, dropping)
             attended = weights @ v
         else:
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
