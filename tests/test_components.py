@@ -282,3 +282,13 @@ def test_component_docstrings_have_summary_lines() -> None:
         assert cls.__doc__ and cls.__doc__.strip().splitlines()[0].strip()
     for cls in [BCEWithLogits, SoftmaxCrossEntropy]:
         assert cls.__doc__ and cls.__doc__.strip().splitlines()[0].strip()
+
+
+def test_shared_argument_checks_name_every_bad_argument() -> None:
+    from rex.components.clustering.kmeans import BalancedKMeans
+    from rex.components.encoders.sim_bucket import SimBucket
+
+    with pytest.raises(ValueError, match=r"k and iters must be >= 1, got k=0, iters=0"):
+        BalancedKMeans(k=0, iters=0)
+    with pytest.raises(ValueError, match=r"num_buckets must be >= 2, got num_buckets=1"):
+        SimBucket(dim=4, max_len=5, num_buckets=1)

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from rex.components.checks import at_least
 from rex.registry import register
 
 
@@ -23,10 +24,7 @@ class BalancedKMeans:
     """
 
     def __init__(self, k: int, iters: int = 30, seed: int = 2024) -> None:
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if iters < 1:
-            raise ValueError(f"iters must be >= 1, got {iters}")
+        at_least(1, k=k, iters=iters)
         self.k = k
         self.iters = iters
         self.seed = seed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from rex.components.checks import at_least
 from rex.registry import register
 
 
@@ -24,10 +25,8 @@ class SimBucket(nn.Module):
 
     def __init__(self, dim: int, max_len: int, num_buckets: int = 20) -> None:
         super().__init__()
-        if dim <= 0 or max_len <= 0:
-            raise ValueError(f"dim and max_len must be positive, got {dim}, {max_len}")
-        if num_buckets < 2:
-            raise ValueError(f"num_buckets must be >= 2, got {num_buckets}")
+        at_least(1, dim=dim, max_len=max_len)
+        at_least(2, num_buckets=num_buckets)
         self.dim = dim
         self.max_len = max_len
         self.num_buckets = num_buckets
