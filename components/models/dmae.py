@@ -27,8 +27,8 @@ class DMAE(nn.Module):
     def __init__(
         self,
         fields: dict[str, int],
-        item_features: dict[str, Tensor],
         embed: Factory[nn.Module],
+        item_features: dict[str, Tensor],
         interest: Factory[nn.Module],
         tower: Factory[nn.Module],
         modalities: list[str],
