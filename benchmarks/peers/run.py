@@ -385,7 +385,8 @@ def main() -> None:
     if missing:
         log(f"installing peers ({', '.join(missing)}): benchmarks/peers/install.sh")
         subprocess.check_call(["bash", str(HERE / "install.sh")], cwd=REPO)
-    subprocess.check_call([str(PYTHON["rex"]), str(HERE / "export.py")], cwd=REPO)
+    for export in ("export.py", "export_frappe.py"):  # the peers' input files, from rex's data
+        subprocess.check_call([str(PYTHON["rex"]), str(HERE / export)], cwd=REPO)
     started = time.perf_counter()
     suffix = "-quick" if args.quick else ""
     json_path = args.out.with_name(args.out.name + suffix + ".json")
