@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-Tasks = dict[str, Callable[[argparse.Namespace], dict[str, Any]]]
+Result = dict[str, Any]
 
 
 def peak_rss_mb() -> float:
@@ -23,8 +23,24 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker_main(framework: str, description: str, tasks: Tasks, datasets: list[str]) -> None:
-    """Parse the shared flags, run one task, write its result (plus who and how) to ``--out``."""
+def worker_main(
+    framework: str,
+    description: str,
+    datasets: list[str],
+    prep: Callable[[str], Result],
+    throughput: Callable[[int, int, int], Result],
+    accuracy: Callable[[int, int], Result],
+) -> None:
+    """Parse the shared flags, run one task, write its result (plus who and how) to ``--out``.
+
+    ``prep(dataset)``, ``throughput(seed, warmup, batches)`` and ``accuracy(seed, epochs)`` are
+    the worker's three measurements.
+    """
+    tasks: dict[str, Callable[[argparse.Namespace], Result]] = {
+        "prep": lambda args: prep(args.dataset),
+        "throughput": lambda args: throughput(args.seed, args.warmup, args.batches),
+        "accuracy": lambda args: accuracy(args.seed, args.epochs),
+    }
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--task", choices=sorted(tasks), required=True)
     parser.add_argument("--out", type=Path, required=True)

@@ -179,12 +179,7 @@ def accuracy(seed: int, epochs: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    tasks = {
-        "prep": lambda args: prep(args.dataset),
-        "throughput": lambda args: throughput(args.seed, args.warmup, args.batches),
-        "accuracy": lambda args: accuracy(args.seed, args.epochs),
-    }
-    worker_main("recbole", __doc__.splitlines()[0], tasks, ["beauty", "ml-1m"])
+    worker_main("recbole", __doc__.splitlines()[0], ["beauty", "ml-1m"], prep, throughput, accuracy)
 
 
 if __name__ == "__main__":

@@ -167,12 +167,7 @@ def accuracy(seed: int, epochs: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    tasks = {
-        "prep": lambda args: prep(args.dataset),
-        "throughput": lambda args: throughput(args.seed, args.warmup, args.batches),
-        "accuracy": lambda args: accuracy(args.seed, args.epochs),
-    }
-    worker_main("rex", __doc__.splitlines()[0], tasks, sorted(PREP_RECIPES))
+    worker_main("rex", __doc__.splitlines()[0], sorted(PREP_RECIPES), prep, throughput, accuracy)
 
 
 if __name__ == "__main__":
