@@ -69,6 +69,8 @@ def environment(data_hash: str) -> dict[str, Any]:
     import lightning
     import numpy
 
+    from rex.allocator import malloc_policy
+
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {
         "python": platform.python_version(),
@@ -78,6 +80,7 @@ def environment(data_hash: str) -> dict[str, Any]:
         "numpy": numpy.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch_threads": torch.get_num_threads(),
+        "malloc": malloc_policy(),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
         "data_hash": data_hash,

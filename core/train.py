@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from rich.console import Console
 from rich.table import Table
 
+from rex.allocator import reuse_freed_memory
 from rex.config import Recipe
 from rex.data.prepare import ensure_dataset
 from rex.data.schema import data_hash
@@ -156,6 +157,7 @@ def run_one(
     """
     recipe = loaded.recipe
     quiet_lightning()
+    reuse_freed_memory()
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     built = build_run(recipe, seed, str(loaded.path))
