@@ -64,6 +64,25 @@ def test_field_embedding_fields_do_not_share_rows_and_lookup_matches_forward() -
     torch.testing.assert_close(hist[1, 2], out[0, 1])
 
 
+def test_field_embedding_gradient_is_bit_identical_to_nn_embedding() -> None:
+    torch.manual_seed(0)
+    emb = FieldEmbedding({"user": 50, "item": 300}, dim=8)
+    batch = {"user": torch.randint(0, 50, (512,)), "item": torch.randint(0, 300, (512,))}
+    history = torch.randint(0, 300, (512, 20))  # repeated ids: gradients accumulate per row
+    upstream = torch.randn(512, 2, 8), torch.randn(512, 20, 8)
+    fast = torch.autograd.grad(
+        (emb(batch) * upstream[0]).sum() + (emb.lookup("item", history) * upstream[1]).sum(),
+        emb.embedding.weight,
+    )[0]
+    reference_ids = torch.stack([batch["user"], batch["item"] + 50], dim=-1)
+    reference = torch.autograd.grad(
+        (torch.nn.functional.embedding(reference_ids, emb.embedding.weight) * upstream[0]).sum()
+        + (torch.nn.functional.embedding(history + 50, emb.embedding.weight) * upstream[1]).sum(),
+        emb.embedding.weight,
+    )[0]
+    assert torch.equal(fast, reference)
+
+
 def test_field_embedding_rejects_bad_config() -> None:
     with pytest.raises(ValueError):
         FieldEmbedding({"user": 0}, dim=4)
