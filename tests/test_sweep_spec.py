@@ -50,27 +50,65 @@ def test_a_good_spec_passes(data_home, tmp_path):
 @pytest.mark.parametrize(
     ("param", "key", "message"),
     [
-        ({"model.embed.dimm": {"type": "int", "low": 4, "high": 8}}, "params.model.embed.dimm",
-         "unknown argument for embedding/field (did you mean dim?)"),
+        (
+            {"model.embed.dimm": {"type": "int", "low": 4, "high": 8}},
+            "params.model.embed.dimm",
+            "unknown argument for embedding/field (did you mean dim?)",
+        ),
         ({"train.lrr": {"type": "float", "low": 0.1, "high": 0.2}}, "params.train.lrr", "did you mean lr?"),
-        ({"trian.lr": {"type": "float", "low": 0.1, "high": 0.2}}, "params.trian.lr", "no such recipe section"),
-        ({"model.tower.hidden.deep": {"type": "int", "low": 1, "high": 2}}, "params.model.tower.hidden.deep",
-         "model.tower.hidden is not a section"),
-        ({"model.interest.hidden": {"type": "int", "low": 1, "high": 2}}, "params.model.interest.hidden",
-         "add `when: model.interest`"),
+        (
+            {"trian.lr": {"type": "float", "low": 0.1, "high": 0.2}},
+            "params.trian.lr",
+            "no such recipe section",
+        ),
+        (
+            {"model.tower.hidden.deep": {"type": "int", "low": 1, "high": 2}},
+            "params.model.tower.hidden.deep",
+            "model.tower.hidden is not a section",
+        ),
+        (
+            {"model.interest.hidden": {"type": "int", "low": 1, "high": 2}},
+            "params.model.interest.hidden",
+            "add `when: model.interest`",
+        ),
         ({"train.lr": {"type": "float", "low": -1.0, "high": 0.1}}, "params.train.lr", "greater than 0"),
         ({"train.lr": {"type": "float", "low": 0.1, "high": 0.01}}, "params.train.lr", "empty range"),
-        ({"train.batch_size": {"type": "int", "low": 64, "high": 32}}, "params.train.batch_size", "empty range"),
-        ({"model.embed.dim": {"type": "categorical", "choices": []}}, "params.model.embed.dim.choices",
-         "at least 1 item"),
-        ({"train.lr": {"type": "normal", "low": 0.1, "high": 0.2}}, "params.train.lr",
-         "unknown distribution type 'normal'"),
+        (
+            {"train.batch_size": {"type": "int", "low": 64, "high": 32}},
+            "params.train.batch_size",
+            "empty range",
+        ),
+        (
+            {"model.embed.dim": {"type": "categorical", "choices": []}},
+            "params.model.embed.dim.choices",
+            "at least 1 item",
+        ),
+        (
+            {"train.lr": {"type": "normal", "low": 0.1, "high": 0.2}},
+            "params.train.lr",
+            "unknown distribution type 'normal'",
+        ),
         ({"train.lr": {"type": "float", "low": 0.0, "high": 0.2, "log": True}}, "params.train.lr", "low > 0"),
-        ({"train.lr": {"type": "float", "low": 0.1, "high": 0.2, "lg": True}}, "params.train.lr.lg",
-         "did you mean log?"),
+        (
+            {"train.lr": {"type": "float", "low": 0.1, "high": 0.2, "lg": True}},
+            "params.train.lr.lg",
+            "did you mean log?",
+        ),
     ],
-    ids=["unknown-arg", "unknown-train-key", "unknown-section", "not-a-section", "needs-when",
-         "out-of-bounds", "empty-float", "empty-int", "empty-choices", "bad-type", "bad-log", "typo"],
+    ids=[
+        "unknown-arg",
+        "unknown-train-key",
+        "unknown-section",
+        "not-a-section",
+        "needs-when",
+        "out-of-bounds",
+        "empty-float",
+        "empty-int",
+        "empty-choices",
+        "bad-type",
+        "bad-log",
+        "typo",
+    ],
 )
 def test_bad_search_space(data_home, tmp_path, param, key, message):
     err = _error(tmp_path, params=param)
@@ -93,9 +131,15 @@ def test_conditional_parameter_is_sampled_only_when_its_condition_holds(data_hom
         tmp_path,
         recipe=str(REPO / "recipes" / "din.yaml"),
         params={
-            "model.interest": {"type": "categorical", "choices": [
-                None, {"_component_": "attention/target", "hidden": [16], "activation": "relu"}]},
-            "model.interest.hidden": {"type": "categorical", "choices": [[8], [32, 8]], "when": "model.interest"},
+            "model.interest": {
+                "type": "categorical",
+                "choices": [None, {"_component_": "attention/target", "hidden": [16], "activation": "relu"}],
+            },
+            "model.interest.hidden": {
+                "type": "categorical",
+                "choices": [[8], [32, 8]],
+                "when": "model.interest",
+            },
         },
     )
     prep = prepare(path, [], None, None, 1)  # the conditional key is checked with interest set
