@@ -67,9 +67,9 @@ def peak_rss_mb() -> float:
 
 
 def _datamodule(dataset: str, view: str, batch_size: int, seed: int) -> Any:
+    from rex.config.recipe import load_recipe
+    from rex.data.datamodule import RexDataModule
     from rex.data.prepare import data_root
-    from rex.datamodule import RexDataModule
-    from rex.recipe import load_recipe
 
     recipe = load_recipe(
         RECIPES[view], [f"data.name={dataset}", f"data.view={view}", f"train.batch_size={batch_size}"]
@@ -88,7 +88,7 @@ class PandasLoader:
     def __init__(self, dataset: str, view: str, batch_size: int, seed: int) -> None:
         import lance
 
-        from rex.loader import EpochShuffle
+        from rex.data.loader import EpochShuffle
 
         datamodule = _datamodule(dataset, view, batch_size, seed)
         self.max_len = datamodule.recipe.data.max_len
@@ -190,8 +190,8 @@ def _warm_code_paths() -> None:
     import pandas
     import torch
 
-    from rex.datamodule import next_item_pairs
-    from rex.loader import BatchLoader, Ragged
+    from rex.data.datamodule import next_item_pairs
+    from rex.data.loader import BatchLoader, Ragged
 
     values, offsets = torch.arange(1, 7), torch.tensor([0, 1, 3, 6])
     columns = {"items": Ragged(values, offsets, 3), "user": torch.arange(3), "label": torch.ones(3)}
@@ -223,7 +223,7 @@ def worker(
     import pyarrow as pa
     import torch
 
-    import rex.datamodule  # noqa: F401  (rex's own imports, on both sides)
+    import rex.data.datamodule  # noqa: F401  (rex's own imports, on both sides)
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -235,7 +235,7 @@ def worker(
     load_seconds = time.perf_counter() - started
     loaded = current_rss_mb()
     if kind == "rex":
-        from rex.loader import Ragged
+        from rex.data.loader import Ragged
 
         held = sum(
             column.nbytes if isinstance(column, Ragged) else column.element_size() * column.nelement()
@@ -265,8 +265,8 @@ def worker(
 
 def _prepare(dataset: str) -> str | None:
     """Prepare the dataset if needed; the reason to skip it, or None."""
+    from rex.config.errors import RexError
     from rex.data.prepare import ensure_dataset
-    from rex.errors import RexError
 
     try:
         ensure_dataset(dataset)

@@ -4,7 +4,6 @@ Registration happens at import, so listing the modules here means a built-in nam
 missing from the registry because of import order.
 """
 
-from rex import metrics  # noqa: F401
 from rex.components.attention import cross, target  # noqa: F401
 from rex.components.clustering import kmeans  # noqa: F401
 from rex.components.denoisers import conditional, schedule, synergy  # noqa: F401
@@ -15,3 +14,4 @@ from rex.components.gates import fdaf, router, sigmoid  # noqa: F401
 from rex.components.interactions import fm  # noqa: F401
 from rex.components.losses import classification, contrastive, decouple, diffusion, reconstruction  # noqa: F401
 from rex.components.models import ctr, diff_msin, dmae, dmgin, m3bsr, sequential  # noqa: F401
+from rex.eval import metrics  # noqa: F401

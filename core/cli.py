@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rex.errors import RexError
+from rex.config.errors import RexError
 
 app = typer.Typer(
     help="rex: declarative recommender-systems experiments.",
@@ -42,7 +42,7 @@ def train(
     resume: Annotated[Path | None, typer.Option(help="continue a killed run from its folder")] = None,
 ) -> None:
     """Train a recipe, select on validation, test the best checkpoint."""
-    from rex import train as training
+    from rex.engine import train as training
 
     if resume is not None:
         if recipe is not None or overrides:
@@ -59,7 +59,7 @@ def train(
 @app.command("eval")
 def evaluate(target: Annotated[Path, typer.Argument(help="run folder or .ckpt file")]) -> None:
     """Test metrics of a finished run's best checkpoint (does not touch metrics.json)."""
-    from rex.train import evaluate as run_eval
+    from rex.engine.train import evaluate as run_eval
 
     results = run_eval(target)
     table = Table(title=f"test metrics · {target}")
@@ -75,8 +75,8 @@ def validate(
     recipes: Annotated[list[Path], typer.Argument(help="recipe files or folders of recipes")],
 ) -> None:
     """Build every component and run one batch through the model, without training."""
-    from rex.recipe import recipe_files
-    from rex.validate import validate_recipe
+    from rex.config.recipe import recipe_files
+    from rex.engine.validate import validate_recipe
 
     files = recipe_files([str(r) for r in recipes])
     if not files:
@@ -98,7 +98,7 @@ def list_components(
     kind: Annotated[str | None, typer.Argument(help="component kind, e.g. encoder")] = None,
 ) -> None:
     """Registered components with a one-line description."""
-    from rex.registry import entries
+    from rex.config.registry import entries
 
     found = entries(kind)
     if not found:
@@ -115,7 +115,7 @@ def list_components(
 @app.command()
 def show(recipe: Path, overrides: Overrides = None) -> None:
     """Print the fully resolved recipe."""
-    from rex.recipe import load_recipe
+    from rex.config.recipe import load_recipe
 
     typer.echo(load_recipe(recipe, overrides or []).to_yaml(), nl=False)
 
@@ -143,7 +143,7 @@ def sweep(
     ] = None,
 ) -> None:
     """Optuna study over a recipe: trials select on validation, the best is re-run on test."""
-    from rex import sweep as sweeping
+    from rex.sweep import study as sweeping
 
     if export_best:
         target = sweeping.export_best(spec, export_to, params_yaml)
@@ -175,8 +175,8 @@ def report(
     wandb_project: Annotated[str, typer.Option(help="W&B project for --wandb")] = "rex",
 ) -> None:
     """Comparison table (Markdown, CSV), PNG plots and one self-contained HTML page."""
-    from rex.report import publish_wandb
-    from rex.report import report as make_report
+    from rex.eval.report import publish_wandb
+    from rex.eval.report import report as make_report
 
     result = make_report(targets, out_dir)
     out.print(
@@ -194,7 +194,7 @@ def report(
 @app.command("sweep-worker", hidden=True)
 def sweep_worker(job: Path, worker: int) -> None:
     """One worker process of `rex sweep --workers N` (started by it, not by hand)."""
-    from rex.sweep import work_from_file
+    from rex.sweep.study import work_from_file
 
     work_from_file(job, worker)
 

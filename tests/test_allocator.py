@@ -13,7 +13,7 @@ import pytest
 # again. With glibc's defaults every round mmaps it afresh and faults in all of its pages.
 REPEATED_ALLOCATION_FAULTS = """
 import json, resource, torch
-from rex.allocator import reuse_freed_memory
+from rex.engine.allocator import reuse_freed_memory
 policy = reuse_freed_memory()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -53,7 +53,7 @@ def test_reuse_keeps_freed_blocks_and_system_faults_them_back_in():
 
 def test_a_bad_rex_malloc_value_is_a_clear_error():
     env = {**os.environ, "REX_MALLOC": "jemalloc"}
-    code = "from rex.allocator import reuse_freed_memory; reuse_freed_memory()"
+    code = "from rex.engine.allocator import reuse_freed_memory; reuse_freed_memory()"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0
     assert "REX_MALLOC must be 'reuse' or 'system', got 'jemalloc'" in out.stderr

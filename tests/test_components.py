@@ -15,8 +15,8 @@ from rex.components.encoders.mlp import MLP
 from rex.components.encoders.transformer import TransformerEncoder
 from rex.components.interactions.fm import FactorizationMachine
 from rex.components.losses.classification import BCEWithLogits, SoftmaxCrossEntropy
-from rex.errors import RecipeError
-from rex.registry import ComponentFactory, build, lookup
+from rex.config.errors import RecipeError
+from rex.config.registry import ComponentFactory, build, lookup
 
 
 @pytest.fixture(autouse=True)

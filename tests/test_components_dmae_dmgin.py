@@ -15,14 +15,14 @@ from rex.components.encoders.hierarchical import HierarchicalEncoder
 from rex.components.encoders.modality_table import ModalityTable
 from rex.components.encoders.sim_bucket import SimBucket
 from rex.components.losses.reconstruction import InterestReconstruction
+from rex.config.errors import RecipeError
+from rex.config.recipe import load_recipe
+from rex.config.registry import ComponentFactory, build, lookup
+from rex.data.datamodule import RexDataModule
 from rex.data.features import FEATURES_DIR
 from rex.data.lance_io import read_columns
 from rex.data.prepare import prepare_dataset
-from rex.datamodule import RexDataModule
-from rex.errors import RecipeError
-from rex.recipe import load_recipe
-from rex.registry import ComponentFactory, build, lookup
-from rex.train import build_run
+from rex.engine.build import build_run
 from tests.conftest import REPO
 from tests.test_components import assert_all_grads
 

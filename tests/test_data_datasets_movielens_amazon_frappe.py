@@ -15,13 +15,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from rex.config.errors import DataError
 from rex.data.build import random_split
 from rex.data.lance_io import read_columns
 from rex.data.mirror import fetch, mirror_dir, sha256_file
 from rex.data.prepare import DATASETS, prepare_dataset
 from rex.data.schema import load_schema
-from rex.errors import DataError
-from rex.train import train
+from rex.engine.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ("ml-1m", "sports", "frappe", "amazon_multidomain")

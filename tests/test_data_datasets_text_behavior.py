@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from rex.config.errors import DataError
 from rex.data import features
 from rex.data.datasets.behavior import hold_out_one_per_user
 from rex.data.features import DIM, cache_paths, minilm_features, prepare_features
@@ -27,7 +28,6 @@ from rex.data.lance_io import RaggedColumn, read_columns, vector_column, write_t
 from rex.data.mirror import RawSource, fetch, mirror_dir
 from rex.data.prepare import prepare_dataset
 from rex.data.schema import load_schema
-from rex.errors import DataError
 from tests.conftest import run_rex
 
 pytestmark = pytest.mark.skipif(

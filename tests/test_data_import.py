@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from rex.config.errors import DataError
 from rex.data.importer import import_dataset, load_mapping
 from rex.data.lance_io import read_columns
 from rex.data.mirror import ML100K_RECBOLE, fetch, mirror_dir
 from rex.data.prepare import Ml100kParams, dataset_info, ensure_dataset, prepare_dataset
 from rex.data.schema import load_schema
-from rex.errors import DataError
 from tests.conftest import REPO, run_rex
 
 # 4 users; user 4 has only 2 events (dropped from the sequence view). Rows are in file order;

@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from rex.config.errors import DataError
 from rex.data.lance_io import RaggedColumn, read_columns, write_table
-from rex.errors import DataError
 
 
 def _ragged() -> RaggedColumn:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from rex.config.errors import DataError
 from rex.data import mirror
 from rex.data.mirror import (
     AMAZON_S3REC_SEQ,
@@ -21,7 +22,6 @@ from rex.data.mirror import (
     mirror_dir,
     sha256_file,
 )
-from rex.errors import DataError
 
 
 def _sha(data: bytes) -> str:

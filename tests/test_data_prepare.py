@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
+from rex.config.errors import DataError
 from rex.data import prepare as prepare_module
 from rex.data.lance_io import RaggedColumn, read_columns
 from rex.data.mirror import mirror_dir
@@ -29,7 +30,6 @@ from rex.data.prepare import (
     prepare_dataset,
 )
 from rex.data.schema import data_hash, load_schema
-from rex.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 

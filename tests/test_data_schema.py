@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from rex.config.errors import DataError
 from rex.data.schema import DatasetSchema, FieldSpec, ViewSpec, data_hash, load_schema, save_schema
-from rex.errors import DataError
 
 
 def _schema(**changes: object) -> DatasetSchema:

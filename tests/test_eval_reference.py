@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rex.recipe import load_recipe
-from rex.train import build_run
+from rex.config.recipe import load_recipe
+from rex.engine.build import build_run
 
 REPO = Path(__file__).resolve().parents[1]
 K = 10

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rex.loader import BatchLoader, Ragged
+from rex.data.loader import BatchLoader, Ragged
 
 # rows: [1, 2, 3], [], [4], [5, 6, 7, 8, 9]
 VALUES = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9])

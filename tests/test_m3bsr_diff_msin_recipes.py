@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from rex.config.recipe import load_recipe
 from rex.data.features import FEATURES_DIR
 from rex.data.lance_io import read_columns
 from rex.data.mirror import mirror_dir
 from rex.data.prepare import prepare_dataset
-from rex.recipe import load_recipe
-from rex.train import build_run
+from rex.engine.build import build_run
 from tests.conftest import REPO, run_rex
 from tests.test_components import assert_all_grads
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rex.metrics import (
+from rex.eval.metrics import (
     RANKING_METRICS,
     auc,
     gauc,
@@ -313,7 +313,7 @@ def test_parse_metric_name_errors(name, message):
 
 
 def test_metrics_are_registered():
-    from rex.registry import _REGISTRY
+    from rex.config.registry import _REGISTRY
 
     expected = {
         "metric/auc": auc,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rex.errors import RecipeError
-from rex.recipe import OVERRIDE_SOURCE, load_recipe
+from rex.config.errors import RecipeError
+from rex.config.recipe import OVERRIDE_SOURCE, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

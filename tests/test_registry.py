@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rex.components.encoders.mlp import MLP
-from rex.errors import RecipeError
-from rex.registry import ComponentFactory, build, entries, load_plugins, lookup, type_matches
+from rex.config.errors import RecipeError
+from rex.config.registry import ComponentFactory, build, entries, load_plugins, lookup, type_matches
 
 
 def test_every_builtin_kind_is_registered_without_importing_it_first():
@@ -79,7 +79,7 @@ def test_factory_arguments_are_completed_by_the_parent():
 
 def test_factory_missing_argument_reports_recipe_path():
     node = {"_component_": "encoder/mlp", "hidden": [4]}
-    from rex.registry import _build
+    from rex.config.registry import _build
 
     factory = _build(node, "model.tower", {}, as_factory=True)
     assert isinstance(factory, ComponentFactory)
@@ -100,7 +100,7 @@ def test_context_fills_only_missing_required_arguments():
 
 def test_plugins_must_be_importable_and_can_register(tmp_path, monkeypatch):
     (tmp_path / "my_rex_plugin.py").write_text(
-        "from torch import nn\nfrom rex.registry import register\n\n"
+        "from torch import nn\nfrom rex.config.registry import register\n\n"
         "@register('encoder/identity_test')\nclass Identity(nn.Module):\n"
         "    '''Returns its input.'''\n    def __init__(self, dim: int) -> None:\n        super().__init__()\n"
     )

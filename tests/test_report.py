@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rex.report import publish_wandb, report
-from rex.sweep import sweep
+from rex.eval.report import publish_wandb, report
+from rex.sweep.study import sweep
 from tests.test_sweep import SPEC as WORKER_SPEC
 
 # The worker test's tiny DeepFM study, with its own name, budget and seeds and default heartbeats.

@@ -8,8 +8,8 @@ import optuna
 import pytest
 import yaml
 
-from rex.errors import RecipeError
-from rex.sweep import check_space, make_sampler, prepare, sample
+from rex.config.errors import RecipeError
+from rex.sweep.study import check_space, make_sampler, prepare, sample
 from tests.conftest import REPO, run_rex
 
 GOOD = {

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import time
 
-from rex.config import WandbConfig
-from rex.tracking import resolve_mode
-from rex.train import train
+from rex.config.schema import WandbConfig
+from rex.engine.tracking import resolve_mode
+from rex.engine.train import train
 from tests.conftest import REPO
 
 SMOKE = [

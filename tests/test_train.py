@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from rex.recipe import recipe_files
-from rex.train import evaluate, train
+from rex.config.recipe import recipe_files
+from rex.engine.train import evaluate, train
 from tests.conftest import REPO, run_rex
 
 SMOKE = [

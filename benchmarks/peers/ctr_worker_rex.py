@@ -37,8 +37,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from measure import ctr_parser, peak_rss_mb, write_result
 
-from rex.recipe import load_recipe
-from rex.train import run_one
+from rex.config.recipe import load_recipe
+from rex.engine.train import run_one
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "deepfm_frappe.yaml"

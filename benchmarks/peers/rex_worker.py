@@ -57,9 +57,9 @@ PREP_RECIPES = {
 
 
 def prep(dataset: str) -> dict[str, Any]:
+    from rex.config.recipe import load_recipe
+    from rex.data.datamodule import RexDataModule
     from rex.data.prepare import RAW_DIR, data_root, prepare_dataset
-    from rex.datamodule import RexDataModule
-    from rex.recipe import load_recipe
 
     recipe_path, overrides = PREP_RECIPES[dataset]
     with tempfile.TemporaryDirectory(dir=REPO / "benchmarks" / ".peers") as scratch:
@@ -129,8 +129,8 @@ class Timeline(Callback):
 
 
 def _run(overrides: list[str], timeline: Timeline, seed: int) -> dict[str, Any]:
-    from rex.recipe import load_recipe
-    from rex.train import run_one
+    from rex.config.recipe import load_recipe
+    from rex.engine.train import run_one
 
     os.chdir(REPO)
     loaded = load_recipe(REPO / "recipes" / "sasrec.yaml", [*SASREC_OVERRIDES, *overrides])

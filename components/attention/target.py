@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from rex.components.encoders.mlp import MLP
-from rex.registry import register
+from rex.config.registry import register
 
 
 @register("attention/target")

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from rex.components.checks import at_least
-from rex.registry import register
+from rex.config.registry import register
 
 
 @register("cluster/kmeans")

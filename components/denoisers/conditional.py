@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from rex.components.attention.cross import CrossAttention
 from rex.components.denoisers.schedule import NoiseSchedule
-from rex.registry import register
+from rex.config.registry import register
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from rex.registry import register
+from rex.config.registry import register
 
 
 def _expand(values: Tensor, like: Tensor) -> Tensor:

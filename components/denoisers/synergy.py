@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from rex.components.attention.cross import CrossAttention
 from rex.components.denoisers.schedule import NoiseSchedule
-from rex.registry import register
+from rex.config.registry import register
 
 
 @register("denoiser/synergy")

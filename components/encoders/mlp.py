@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from rex.components.encoders.activation import make_activation
 from rex.components.encoders.dropout import Dropout
-from rex.registry import register
+from rex.config.registry import register
 
 Activation = Literal["relu", "prelu", "dice", "gelu", "sigmoid", "tanh"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from rex.registry import register
+from rex.config.registry import register
 
 
 @register("encoder/modality_table")

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from rex.components.checks import at_least
-from rex.registry import register
+from rex.config.registry import register
 
 
 @register("encoder/sim_bucket")

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rex.components.encoders.dropout import Dropout, dropout
-from rex.registry import register
+from rex.config.registry import register
 
 SHORT_ON_CPU = 128  # sequence length up to which CPU attention skips SDPA
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from rex.components.encoders.transformer import TransformerEncoder
-from rex.registry import register
+from rex.config.registry import register
 
 
 class _ResidualMLP(nn.Module):

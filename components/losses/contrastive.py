@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rex.registry import register
+from rex.config.registry import register
 
 
 @register("loss/infonce")

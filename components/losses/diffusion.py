@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rex.registry import register
+from rex.config.registry import register
 
 
 @register("loss/eps_mse")

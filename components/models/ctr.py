@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from rex.components.embeddings.field import FieldEmbedding
-from rex.registry import Factory, register
+from rex.config.registry import Factory, register
 
 
 def item_fields(fields: dict[str, int], use_fields: list[str] | None) -> dict[str, int]:

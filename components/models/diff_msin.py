@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rex.registry import Factory, register
+from rex.config.registry import Factory, register
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

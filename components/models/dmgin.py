@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from rex.components.models.ctr import item_fields
-from rex.registry import Factory, register
+from rex.config.registry import Factory, register
 
 
 @register("model/dmgin")

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from rex.components.models.diff_msin import no_noise
-from rex.registry import Factory, register
+from rex.config.registry import Factory, register
 
 
 def _left_pad(x: Tensor, length: int) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from rex.components.encoders.dropout import Dropout
-from rex.registry import Factory, register
+from rex.config.registry import Factory, register
 
 
 @register("model/sequential")

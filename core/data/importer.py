@@ -40,14 +40,15 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from rex.config.base import Strict
+from rex.config.errors import DataError
 from rex.data.build import DATASETS, SplitFractions
 from rex.data.interactions import CtrSplit, SideFeatures, build_interactions
 from rex.data.mirror import log, sha256_file
 from rex.data.prepare import data_root, write_dataset
 from rex.data.schema import DatasetSchema
-from rex.errors import DataError
 
 Format = Literal["csv", "parquet", "recbole"]
 SUFFIX_FORMATS: dict[str, Format] = {
@@ -67,11 +68,7 @@ RESERVED = ("user", "item", "label", "history")
 # the mapping
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class FileSpec(_Strict):
+class FileSpec(Strict):
     """A file to read: its path (relative to the mapping), format and, for CSV, separator."""
 
     path: str
@@ -79,7 +76,7 @@ class FileSpec(_Strict):
     sep: str = Field(",", min_length=1, max_length=1, description="csv only; recbole is always a tab")
 
 
-class Roles(_Strict):
+class Roles(Strict):
     """Which interaction column plays which role (the keys are the roles)."""
 
     user: str
@@ -88,7 +85,7 @@ class Roles(_Strict):
     rating: str | None = None
 
 
-class Feature(_Strict):
+class Feature(Strict):
     """A categorical feature column, with optional clean-up of its tokens."""
 
     column: str
@@ -109,14 +106,14 @@ class FeatureFile(FileSpec):
         }
 
 
-class LabelRule(_Strict):
+class LabelRule(Strict):
     """The ctr label: ``column >= threshold``, or the column itself when it already holds 0/1."""
 
     column: str | None = Field(None, description="default: the rating column")
     threshold: float | None = None
 
 
-class SplitSpec(_Strict):
+class SplitSpec(Strict):
     """Sequence view: leave-one-out. Ctr view: random (train, valid, test) row fractions + seed."""
 
     protocol: Literal["leave_one_out"] = "leave_one_out"
@@ -124,7 +121,7 @@ class SplitSpec(_Strict):
     seed: int = 2024
 
 
-class ImportMapping(_Strict):
+class ImportMapping(Strict):
     """The whole mapping file."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -17,7 +17,7 @@ import lance
 import numpy as np
 import pyarrow as pa
 
-from rex.errors import DataError
+from rex.config.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from rex.errors import DataError
+from rex.config.errors import DataError
 
 MIRROR_ENV = "REX_DATA_MIRROR"
 _REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -18,13 +18,13 @@ import yaml
 from pydantic import ValidationError
 
 import rex.data.datasets  # noqa: F401  (registers the built-in datasets)
+from rex.config.errors import DataError
 from rex.data.build import DATASETS, Built, DatasetDef, Params
 from rex.data.datasets.amazon import BeautyParams
 from rex.data.datasets.movielens import Ml100kParams
 from rex.data.lance_io import swap_into_place, write_table
 from rex.data.mirror import RawSource, fetch, log
 from rex.data.schema import SCHEMA_FILE, DatasetSchema, data_hash, load_schema, save_schema
-from rex.errors import DataError
 
 __all__ = [
     "DATASETS",

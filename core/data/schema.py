@@ -15,18 +15,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
-from rex.errors import DataError
+from rex.config.base import Strict
+from rex.config.errors import DataError
 
 SCHEMA_FILE = "schema.json"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class FieldSpec(_Strict):
+class FieldSpec(Strict):
     """One column as a model sees it.
 
     ``role`` is what the field means to a model (``user``, ``item``, ``history``, ``label``,
@@ -44,7 +41,7 @@ class FieldSpec(_Strict):
     dim: int | None = None
 
 
-class ViewSpec(_Strict):
+class ViewSpec(Strict):
     """A way to train on the dataset: tables per split (``train``/``valid``/``test``) and fields.
 
     ``order`` says how the items of a sequence are ordered where that is not chronological
@@ -57,7 +54,7 @@ class ViewSpec(_Strict):
     order: str | None = None
 
 
-class DatasetSchema(_Strict):
+class DatasetSchema(Strict):
     """Everything recorded about a prepared dataset (the contents of ``schema.json``)."""
 
     name: str

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from rex.config.errors import DataError
 from rex.data.build import (
     MIN_SEQUENCE,
     Built,
@@ -30,7 +31,6 @@ from rex.data.build import (
 from rex.data.lance_io import RaggedColumn
 from rex.data.mirror import AMAZON_S3REC_SEQ, Member, RawSource, log
 from rex.data.schema import FieldSpec, ViewSpec
-from rex.errors import DataError
 
 _GRAM = "https://github.com/zhaodong-liu/GRAM/raw/2c168a4c/rec_datasets"
 

@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from rex.config.errors import DataError
 from rex.data.build import (
     Built,
     SequenceCtrParams,
@@ -58,7 +59,6 @@ from rex.data.build import (
 from rex.data.lance_io import RaggedColumn
 from rex.data.mirror import RawSource, log, members
 from rex.data.schema import FieldSpec, ViewSpec
-from rex.errors import DataError
 
 TARGET = "buy"
 

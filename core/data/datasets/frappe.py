@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rex.config.errors import DataError
 from rex.data.build import (
     Built,
     Params,
@@ -22,7 +23,6 @@ from rex.data.build import (
     split_tables,
 )
 from rex.data.mirror import Member, RawSource, log
-from rex.errors import DataError
 
 _NFM = "https://github.com/hexiangnan/neural_factorization_machine/raw/ca2a5d11/data/frappe"
 

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from rex.config.errors import DataError
 from rex.data.build import (
     Built,
     Params,
@@ -39,7 +40,6 @@ from rex.data.features import TextParams, features_root, items_view, minilm_feat
 from rex.data.interactions import CtrSplit, SideFeatures, build_interactions
 from rex.data.lance_io import RaggedColumn
 from rex.data.mirror import ML100K_RECBOLE, Member, RawSource, log
-from rex.errors import DataError
 
 
 class Ml100kParams(TextParams):

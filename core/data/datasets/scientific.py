@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from rex.config.errors import DataError
 from rex.data.build import (
     Built,
     SequenceCtrParams,
@@ -45,7 +46,6 @@ from rex.data.features import TextParams, features_root, minilm_features, regist
 from rex.data.lance_io import RaggedColumn, vector_column
 from rex.data.mirror import RawSource, log, members
 from rex.data.schema import FieldSpec, ViewSpec
-from rex.errors import DataError
 
 _COWPIREC = "https://github.com/ysh-1998/CoWPiRec/raw/db47560c/dataset/Scientific"
 _DECOREC = "https://github.com/KIKIENAO/decorec/raw/3d93ec58/dataset/downstream/Scientific"

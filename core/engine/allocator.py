@@ -19,7 +19,7 @@ import ctypes.util
 import os
 import sys
 
-from rex.errors import RexError
+from rex.config.errors import RexError
 
 ENV_VAR = "REX_MALLOC"
 # mallopt(3) parameter numbers from <malloc.h>.

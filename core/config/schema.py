@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from rex.metrics import parse_metric_name
+from rex.config.base import Strict
+from rex.eval.metrics import parse_metric_name
 
 TaskName = Literal["ctr", "next_item"]
 
@@ -22,11 +23,7 @@ DEFAULT_MONITOR: dict[str, str] = {"ctr": "auc", "next_item": "ndcg@10"}
 LOWER_IS_BETTER = {"logloss"}
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-class DataConfig(Section):
+class DataConfig(Strict):
     name: str = Field(description="dataset name, as prepared by `rex data prepare NAME`")
     view: Literal["sequence", "ctr"] = Field(description="which tables of the dataset to read")
     max_len: int = Field(50, ge=1, description="histories keep their most recent max_len items")
@@ -37,7 +34,7 @@ class DataConfig(Section):
     )
 
 
-class TrainConfig(Section):
+class TrainConfig(Strict):
     max_epochs: int = Field(20, ge=1)
     batch_size: int = Field(256, ge=1)
     batch_samples: int | None = Field(
@@ -61,7 +58,7 @@ class TrainConfig(Section):
     limit_eval_batches: int | None = Field(None, ge=1)
 
 
-class EvalConfig(Section):
+class EvalConfig(Strict):
     protocol: Literal["leave_one_out", "holdout"] = Field(
         description="leave_one_out: last item per user is test, the one before is valid; "
         "holdout: the dataset's prepared train/valid/test rows"
@@ -79,7 +76,7 @@ class EvalConfig(Section):
         return names
 
 
-class WandbConfig(Section):
+class WandbConfig(Strict):
     project: str = "rex"
     mode: Literal["auto", "online", "offline", "disabled"] = Field(
         "auto", description="auto: online with an API key, offline without; never prompts"
@@ -87,14 +84,14 @@ class WandbConfig(Section):
     group: str | None = None
 
 
-class LoggingConfig(Section):
+class LoggingConfig(Strict):
     run_root: str = "runs"
     progress_bar: bool = True
     log_every_n_steps: int = Field(50, ge=1)
     wandb: WandbConfig | None = None
 
 
-class Recipe(Section):
+class Recipe(Strict):
     name: str
     description: str | None = None
     task: TaskName

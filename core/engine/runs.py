@@ -17,7 +17,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback
 
-from rex.errors import RexError
+from rex.config.errors import RexError
 
 METRICS_FILE = "metrics.json"
 RECIPE_FILE = "recipe.yaml"
@@ -69,7 +69,7 @@ def environment(data_hash: str) -> dict[str, Any]:
     import lightning
     import numpy
 
-    from rex.allocator import malloc_policy
+    from rex.engine.allocator import malloc_policy
 
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {

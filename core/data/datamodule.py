@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rex.config import Recipe
+from rex.config.errors import DataError
+from rex.config.schema import Recipe
 from rex.data.clusters import item_groups
 from rex.data.features import item_vectors
 from rex.data.lance_io import RaggedColumn, read_columns
+from rex.data.loader import BatchLoader, Column, Ragged
 from rex.data.schema import DatasetSchema, ViewSpec, load_schema
-from rex.errors import DataError
-from rex.loader import BatchLoader, Column, Ragged
 
 INT32 = np.iinfo(np.int32)
 

@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from rich.console import Console
 
-from rex.config import WandbConfig
-from rex.runs import METRICS_FILE
+from rex.config.schema import WandbConfig
+from rex.engine.runs import METRICS_FILE
 
 BEST_CKPT = "best.ckpt"
 

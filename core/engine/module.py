@@ -10,8 +10,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from rex.config import TrainConfig
-from rex.evaluation import Evaluator
+from rex.config.schema import TrainConfig
+from rex.eval.evaluators import Evaluator
 
 
 @dataclass

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
-from rex.errors import DataError
-from rex.recipe import load_recipe
-from rex.train import build_run, quiet_lightning
+from rex.config.errors import DataError
+from rex.config.recipe import load_recipe
+from rex.engine.build import build_run
+from rex.engine.train import quiet_lightning
 
 
 def validate_recipe(path: Path) -> str:

@@ -7,7 +7,6 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +18,12 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from rich.console import Console
 from rich.table import Table
 
-from rex.allocator import reuse_freed_memory
-from rex.config import Recipe
-from rex.data.prepare import ensure_dataset
-from rex.data.schema import data_hash
-from rex.datamodule import RexDataModule
-from rex.errors import RecipeError, RexError
-from rex.evaluation import make_evaluator
-from rex.module import RexModule, WeightedLoss
-from rex.recipe import LoadedRecipe, load_recipe
-from rex.registry import build, load_plugins
-from rex.runs import (
+from rex.config.errors import RexError
+from rex.config.recipe import LoadedRecipe, load_recipe
+from rex.config.schema import Recipe
+from rex.engine.allocator import reuse_freed_memory
+from rex.engine.build import build_run
+from rex.engine.runs import (
     ENV_FILE,
     RECIPE_FILE,
     AtomicCheckpointIO,
@@ -56,38 +50,6 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 
 
-@dataclass
-class Built:
-    datamodule: RexDataModule
-    module: RexModule
-    data_hash: str
-
-
-def build_run(recipe: Recipe, seed: int, source: str) -> Built:
-    """Data, model and losses for one seed; errors name the recipe file and key path."""
-    L.seed_everything(seed, workers=True, verbose=False)
-    dataset_dir = ensure_dataset(recipe.data.name)
-    datamodule = RexDataModule(recipe, dataset_dir, seed)
-    load_plugins(recipe.plugins)
-    context = datamodule.context()
-    try:
-        model = build(recipe.model, "model", context)
-        losses = []
-        for i, node in enumerate(recipe.losses):
-            node = dict(node)
-            weight = node.pop("weight", 1.0)
-            if not isinstance(weight, int | float):
-                raise RecipeError(f"weight must be a number, got {weight!r}", key=f"losses[{i}].weight")
-            module = build(node, f"losses[{i}]", context)
-            name = str(node.get("_component_", "loss")).rsplit("/", 1)[-1]
-            losses.append(WeightedLoss(name, float(weight), module))
-    except RecipeError as exc:
-        exc.file = exc.file or source
-        raise
-    module = RexModule(model, losses, make_evaluator(recipe), recipe.train, str(recipe.eval.monitor))
-    return Built(datamodule, module, data_hash(dataset_dir))
-
-
 class Throughput(Callback):
     """Training rows per second over the run, excluding validation."""
 
@@ -111,7 +73,7 @@ class Throughput(Callback):
 def _loggers(recipe: Recipe, run_dir: Path) -> list[Logger]:
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version=0)]
     if recipe.logging.wandb is not None:
-        from rex.tracking import wandb_logger
+        from rex.engine.tracking import wandb_logger
 
         logger = wandb_logger(recipe.logging.wandb, run_dir, recipe.name)
         if logger is not None:
@@ -202,7 +164,7 @@ def run_one(
     throughput = Throughput()
     callbacks += [recorder, throughput, *extra_callbacks]
     if recipe.logging.wandb is not None:
-        from rex.tracking import WandbRunInfo
+        from rex.engine.tracking import WandbRunInfo
 
         callbacks.append(WandbRunInfo({**loaded.resolved, "seed": seed}, built.data_hash, run_dir))
     trainer = _trainer(recipe, run_dir, callbacks)
@@ -233,7 +195,7 @@ def run_one(
         tested = trainer.test(built.module, datamodule=built.datamodule, ckpt_path=best_path, verbose=False)
         recorder.record("test", {k.removeprefix("test/"): float(v) for k, v in tested[0].items()})
     if recipe.logging.wandb is not None:
-        from rex.tracking import finish_wandb
+        from rex.engine.tracking import finish_wandb
 
         finish_wandb(trainer, run_dir)
     return recorder.data

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from rex import metrics as M
-from rex.config import Recipe
+from rex.config.schema import Recipe
+from rex.eval import metrics as M
 
 
 class Evaluator:

@@ -24,8 +24,8 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from rex.errors import RexError
-from rex.runs import METRICS_FILE, RECIPE_FILE, atomic_write_text, read_metrics
+from rex.config.errors import RexError
+from rex.engine.runs import METRICS_FILE, RECIPE_FILE, atomic_write_text, read_metrics
 
 console = Console(stderr=True)
 SKIP_PARAMS = ("seed", "name", "description", "logging.")
@@ -291,8 +291,8 @@ def plot_study(sweep: SweepInfo, folder: Path) -> list[Path]:
     import optuna
     import optuna.visualization.matplotlib as ovm
 
-    from rex.sweep import default_storage, make_storage
-    from rex.sweep_spec import load_spec
+    from rex.sweep.spec import load_spec
+    from rex.sweep.study import default_storage, make_storage
 
     spec_path = Path(sweep.summary["spec"])
     spec = load_spec(spec_path)
@@ -421,8 +421,8 @@ def publish_wandb(result: Report, project: str) -> str:
     """Publish the same comparison (table, plots, the HTML page) as a W&B run of job type
     ``report`` and, online, as a W&B Report that shows them. Offline without an API key
     (``wandb sync`` the run later); never prompts."""
-    from rex.config import WandbConfig
-    from rex.tracking import resolve_mode
+    from rex.config.schema import WandbConfig
+    from rex.engine.tracking import resolve_mode
 
     mode = resolve_mode(WandbConfig(project=project))
     if mode == "disabled":

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from rex.registry import register
+from rex.config.registry import register
 
 __all__ = [
     "CTR_METRICS",

@@ -33,11 +33,11 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.table import Table
 
-from rex.config import Recipe
-from rex.errors import RecipeError, RexError
-from rex.recipe import LoadedRecipe, load_recipe
-from rex.runs import atomic_write_json, atomic_write_text
-from rex.sweep_spec import (
+from rex.config.errors import RecipeError, RexError
+from rex.config.recipe import LoadedRecipe, load_recipe
+from rex.config.schema import Recipe
+from rex.engine.runs import atomic_write_json, atomic_write_text
+from rex.sweep.spec import (
     CategoricalParam,
     SweepSpec,
     check_objective,
@@ -155,9 +155,9 @@ def check_space(
 ) -> None:
     """Every search key must name something in the resolved base recipe (or an argument of the
     component there), and each end of its range must load and build. Runs before any trial."""
+    from rex.config.registry import build, load_plugins
+    from rex.data.datamodule import RexDataModule
     from rex.data.prepare import ensure_dataset
-    from rex.datamodule import RexDataModule
-    from rex.registry import build, load_plugins
 
     load_plugins(base.recipe.plugins)
     context = RexDataModule(base.recipe, ensure_dataset(base.recipe.data.name), 0).context()
@@ -316,7 +316,7 @@ def _train_seeds(
 ) -> float:
     from optuna_integration import PyTorchLightningPruningCallback
 
-    from rex.train import run_one, summarize
+    from rex.engine.train import run_one, summarize
 
     monitor = f"val/{spec.objective.metric}"
     results = []
@@ -355,7 +355,7 @@ def _report(study: optuna.Study, trial: FrozenTrial) -> None:
 
 def work(job: Job) -> None:
     """One worker: start trials until the study holds ``job.trials`` or the deadline passes."""
-    from rex.train import quiet_lightning
+    from rex.engine.train import quiet_lightning
 
     quiet_lightning()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -578,7 +578,7 @@ def sweep(
         )
     print_trials(study, spec)
     if test:
-        from rex.train import train
+        from rex.engine.train import train
 
         best_overrides = list(best.user_attrs.get("overrides", []))
         root = train(
@@ -595,7 +595,7 @@ def sweep(
 
 
 def _test_metrics(root: Path) -> dict[str, Any]:
-    from rex.runs import read_metrics
+    from rex.engine.runs import read_metrics
 
     summary = root / "summary.json"
     if summary.is_file():

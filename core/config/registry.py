@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from rex.errors import RecipeError
+from rex.config.errors import RecipeError
 
 T = TypeVar("T")
 COMPONENT_KEY = "_component_"

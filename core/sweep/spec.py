@@ -15,17 +15,14 @@ from typing import Annotated, Any, Literal
 
 import optuna
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from rex.config import LOWER_IS_BETTER
-from rex.errors import RecipeError
-from rex.recipe import read_yaml_mapping
+from rex.config.base import Strict
+from rex.config.errors import RecipeError
+from rex.config.recipe import read_yaml_mapping
+from rex.config.schema import LOWER_IS_BETTER
 
 Direction = Literal["maximize", "minimize"]
-
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 # A condition is a recipe path (active when that value is set, i.e. not null) or a mapping
@@ -33,7 +30,7 @@ class _Spec(BaseModel):
 Condition = str | dict[str, Any]
 
 
-class FloatParam(_Spec):
+class FloatParam(Strict):
     type: Literal["float"]
     low: float
     high: float
@@ -64,7 +61,7 @@ class FloatParam(_Spec):
         return [round(self.low + i * self.step, 12) for i in range(n + 1)]
 
 
-class IntParam(_Spec):
+class IntParam(Strict):
     type: Literal["int"]
     low: int
     high: int
@@ -90,7 +87,7 @@ class IntParam(_Spec):
         return list(range(self.low, self.high + 1, self.step))
 
 
-class CategoricalParam(_Spec):
+class CategoricalParam(Strict):
     type: Literal["categorical"]
     choices: list[Any] = Field(min_length=1)
     when: Condition | None = None
@@ -116,18 +113,18 @@ class CategoricalParam(_Spec):
 Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
 
 
-class Objective(_Spec):
+class Objective(Strict):
     metric: str = Field(description="a validation metric of the base recipe, e.g. ndcg@10 or auc")
     direction: Direction
 
 
-class SamplerSpec(_Spec):
+class SamplerSpec(Strict):
     type: Literal["tpe", "random", "grid", "cmaes"] = "tpe"
     seed: int | None = None
     n_startup_trials: int | None = Field(None, ge=0, description="tpe/cmaes: random trials first")
 
 
-class PrunerSpec(_Spec):
+class PrunerSpec(Strict):
     type: Literal["median", "hyperband", "none"] = "median"
     n_startup_trials: int = Field(5, ge=0, description="median: trials that finish before any is pruned")
     n_warmup_steps: int = Field(0, ge=0, description="median: epochs before a trial may be pruned")
@@ -135,7 +132,7 @@ class PrunerSpec(_Spec):
     reduction_factor: int = Field(3, ge=2, description="hyperband: keep 1/factor of trials per rung")
 
 
-class SweepSpec(_Spec):
+class SweepSpec(Strict):
     name: str | None = Field(None, description="study name (default: the spec file's stem)")
     recipe: str = Field(description="base recipe, relative to the spec file")
     overrides: list[str] = Field([], description="fixed dotlist overrides for every trial and the re-run")

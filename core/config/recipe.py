@@ -17,8 +17,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ValidationError
 
-from rex.config import Recipe
-from rex.errors import RecipeError
+from rex.config.errors import RecipeError
+from rex.config.schema import Recipe
 
 OVERRIDE_SOURCE = "command-line override"
 

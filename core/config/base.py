@@ -1,0 +1,12 @@
+"""The one pydantic base class of the project: every recipe section, sweep spec, dataset
+parameter block, import mapping and schema file is validated strictly."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors (never silently ignored) and defaults are validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
