@@ -190,7 +190,7 @@ def _warm_code_paths() -> None:
     import pandas
     import torch
 
-    from rex.data.datamodule import next_item_pairs
+    from rex.data.tasks import next_item_pairs
     from rex.data.loader import BatchLoader, Ragged
 
     values, offsets = torch.arange(1, 7), torch.tensor([0, 1, 3, 6])

@@ -40,12 +40,16 @@ def train(
         int | None, typer.Option(min=1, help="run N seeds (recipe seed, +1, ...) and report mean ± std")
     ] = None,
     resume: Annotated[Path | None, typer.Option(help="continue a killed run from its folder")] = None,
+    reuse_stages: Annotated[
+        Path | None,
+        typer.Option(help="take over the finished stages of this earlier run whose settings are unchanged"),
+    ] = None,
 ) -> None:
     """Train a recipe, select on validation, test the best checkpoint."""
     from rex.engine import train as training
 
     if resume is not None:
-        if recipe is not None or overrides:
+        if recipe is not None or overrides or reuse_stages is not None:
             raise RexError(
                 "--resume takes only the run folder: the run's own recipe is reused", file="command line"
             )
@@ -53,7 +57,7 @@ def train(
         return
     if recipe is None:
         raise RexError("missing RECIPE: rex train recipes/<name>.yaml [key=value ...]", file="command line")
-    training.train(recipe, overrides or [], seeds)
+    training.train(recipe, overrides or [], seeds, reuse_stages)
 
 
 @app.command("eval")
@@ -114,10 +118,18 @@ def list_components(
 
 @app.command()
 def show(recipe: Path, overrides: Overrides = None) -> None:
-    """Print the fully resolved recipe."""
+    """Print the fully resolved recipe (and each stage of a staged recipe, resolved whole)."""
+    import yaml
+
     from rex.config.recipe import load_recipe
 
-    typer.echo(load_recipe(recipe, overrides or []).to_yaml(), nl=False)
+    loaded = load_recipe(recipe, overrides or [])
+    typer.echo(loaded.to_yaml(), nl=False)
+    for stage in loaded.stages:
+        typer.echo(
+            f"\n# ---- stage {stage.name}, resolved\n" + yaml.safe_dump(stage.resolved, sort_keys=False),
+            nl=False,
+        )
 
 
 @app.command()

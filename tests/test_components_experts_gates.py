@@ -1,4 +1,4 @@
-"""Expert bank, fusion gates (sigmoid, router, FDAF) and the decoupling and InfoNCE losses."""
+"""Expert bank, fusion gates (router, FDAF) and the decoupling and InfoNCE losses."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from rex.components.experts.bank import ExpertBank
 from rex.components.gates.fdaf import FDAF
 from rex.components.gates.router import SoftmaxRouter
-from rex.components.gates.sigmoid import SigmoidGate
 from rex.components.losses.contrastive import InfoNCE
 from rex.components.losses.decouple import CosineDecoupling
 from tests.test_components import assert_all_grads
@@ -46,21 +45,6 @@ def test_expert_bank_shapes_grads_and_stream_isolation(kind: str) -> None:
 
 
 # --------------------------------------------------------------------------- gates
-
-
-def test_sigmoid_gate_mixes_between_its_inputs() -> None:
-    gate = SigmoidGate(4)
-    a, b = torch.randn(6, 4), torch.randn(6, 4)
-    out = gate(a, b)
-    g = gate.weight(a, b)
-    assert out.shape == (6, 4) and ((g > 0) & (g < 1)).all()
-    torch.testing.assert_close(out, g * a + (1 - g) * b)
-    with torch.no_grad():
-        gate.score.bias.fill_(50.0)
-    torch.testing.assert_close(gate(a, b), a)  # a saturated gate passes a through
-    gate.score.bias.data.zero_()
-    gate(a, b).sum().backward()
-    assert_all_grads(gate)
 
 
 def test_router_weights_sum_to_one_and_mix_experts() -> None:

@@ -15,6 +15,8 @@ class BCEWithLogits(nn.Module):
     Mean over the batch; labels are cast to the logit's dtype.
     """
 
+    reads = ("logit",)
+
     def forward(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
         logit = outputs["logit"]
         return F.binary_cross_entropy_with_logits(logit, batch["label"].to(logit.dtype))
@@ -27,6 +29,8 @@ class SoftmaxCrossEntropy(nn.Module):
     The model gathers the P supervised positions itself; labels are class indices (long) in
     [0, N). Mean over positions, with optional label smoothing.
     """
+
+    reads = ("logits", "labels")
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()

@@ -30,6 +30,7 @@ class InfoNCE(nn.Module):
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.anchor, self.positive, self.group = anchor, positive, group
+        self.reads = (anchor, positive)
         self.temperature = temperature
 
     def forward(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:

@@ -22,6 +22,7 @@ class CosineDecoupling(nn.Module):
     def __init__(self, key: str = "experts") -> None:
         super().__init__()
         self.key = key
+        self.reads = (key,)
 
     def forward(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
         x = outputs[self.key]

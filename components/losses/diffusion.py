@@ -20,6 +20,7 @@ class EpsilonMSE(nn.Module):
     def __init__(self, key: str = "eps") -> None:
         super().__init__()
         self.key = key
+        self.reads = (key, f"{key}_pred")
 
     def forward(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
         return F.mse_loss(outputs[f"{self.key}_pred"], outputs[self.key])

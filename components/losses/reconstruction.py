@@ -16,9 +16,10 @@ class InterestReconstruction(nn.Module):
     (B, L, M) similarity scores per modality and ``outputs["recon_mask"]`` (B, L) bool (True =
     valid). Per row and modality, the real distribution is ``softmax(target / temperature)`` over
     the valid positions, the decoded one ``softmax(logits)``; the loss is ``KL(real || decoded)``
-    averaged over rows with a valid position and over modalities; scalar. A model without its
-    decoder (an ablation) returns no ``recon_logits`` and the loss is 0.
+    averaged over rows with a valid position and over modalities; scalar.
     """
+
+    reads = ("recon_logits", "recon_target", "recon_mask")
 
     def __init__(self, temperature: float = 0.1) -> None:
         super().__init__()
@@ -27,8 +28,6 @@ class InterestReconstruction(nn.Module):
         self.temperature = temperature
 
     def forward(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
-        if "recon_logits" not in outputs:
-            return next(iter(outputs.values())).new_zeros(())
         logits, target, mask = outputs["recon_logits"], outputs["recon_target"], outputs["recon_mask"]
         valid = mask.unsqueeze(-1)
         neg = torch.finfo(logits.dtype).min

@@ -9,16 +9,6 @@ from rex.components.embeddings.field import FieldEmbedding
 from rex.config.registry import Factory, register
 
 
-def item_fields(fields: dict[str, int], use_fields: list[str] | None) -> dict[str, int]:
-    """The ``use_fields`` (default: ``item`` alone) of ``fields``, which must include ``item``."""
-    names = use_fields or ["item"]
-    if "item" not in names or not set(names) <= set(fields):
-        raise ValueError(
-            f"use_fields must include 'item' and come from the dataset's fields {sorted(fields)}"
-        )
-    return {name: fields[name] for name in names}
-
-
 @register("model/ctr")
 class CTRModel(nn.Module):
     """CTR tower: field embeddings → [target attention over the history] → MLP → click logit.
@@ -47,6 +37,7 @@ class CTRModel(nn.Module):
         modalities: list[str] | None = None,
     ) -> None:
         super().__init__()
+        self.outputs = frozenset({"logit"})
         if use_fields is not None:
             unknown = sorted(set(use_fields) - set(fields))
             if unknown:

@@ -14,13 +14,6 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * weights).sum(-2) / weights.sum(-2).clamp(min=1.0)
 
 
-def no_noise(like: Tensor) -> tuple[Tensor, Tensor]:
-    """The (noise, prediction) pair of a model whose denoiser is switched off: one zero row each,
-    so an eps-MSE term in the recipe stays defined (and is 0) in the ablation."""
-    zeros = like.new_zeros(1, like.shape[-1])
-    return zeros, zeros
-
-
 @register("model/diff_msin")
 class DiffMSIN(nn.Module):
     """Diff-MSIN for CTR over an item history with ID, text and image streams.
@@ -65,6 +58,8 @@ class DiffMSIN(nn.Module):
         self.num_streams = len(streams)
         self.experts = experts(dim=dim, streams=streams)
         self.synergy = synergy(dim=dim, num_streams=self.num_streams) if synergy is not None else None
+        noise = {"synergy_eps", "synergy_eps_pred"} if self.synergy is not None else set()
+        self.outputs = frozenset({"logit", "experts", *noise})
         self.fusion = fusion(dim=dim)
         self.interest = interest(dim=dim) if interest is not None else None
         num_experts = self.experts.num_experts + (1 if self.synergy is not None else 0)
@@ -85,12 +80,11 @@ class DiffMSIN(nn.Module):
         k, shared = self.num_streams, experts.shape[1] - self.num_streams
         mean_target = targets.mean(dim=1, keepdim=True)
         expert_targets = [targets, mean_target.expand(-1, shared, -1)]
+        noise = {}
         if self.synergy is not None:
-            h_syn, eps, eps_pred = self.synergy(experts[:, :k], mask)
+            h_syn, noise["synergy_eps"], noise["synergy_eps_pred"] = self.synergy(experts[:, :k], mask)
             experts = torch.cat([experts, (h_syn + streams.mean(dim=1)).unsqueeze(1)], dim=1)
             expert_targets.append(mean_target)
-        else:
-            eps, eps_pred = no_noise(targets)
         scores = self.fusion(experts, torch.cat(expert_targets, dim=1), mask)  # (B, E, s)
         parts = [targets.flatten(1)]
         if self.interest is not None:
@@ -100,6 +94,5 @@ class DiffMSIN(nn.Module):
         return {
             "logit": logit,
             "experts": masked_mean(experts, mask[:, None, :]),
-            "synergy_eps": eps,
-            "synergy_eps_pred": eps_pred,
+            **noise,
         }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rex.components.models.ctr import item_fields
+from rex.components.models.shared import item_fields
 from rex.config.registry import Factory, register
 
 
@@ -60,6 +60,8 @@ class DMAE(nn.Module):
             self.decoder = nn.Linear(dim, m)
         width = (len(used) + 1 + (1 if self.units else 0)) * dim
         self.tower = tower(in_dim=width)
+        decoded = {"recon_logits", "recon_target", "recon_mask"} if self.units else set()
+        self.outputs = frozenset({"logit", *decoded})
         self.head = nn.Linear(self.tower.out_dim, 1)
 
     def _similarity(self, name: str, item: Tensor, history: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rex.components.models.ctr import item_fields
+from rex.components.models.shared import item_fields
 from rex.config.registry import Factory, register
 
 
@@ -33,6 +33,7 @@ class DMGIN(nn.Module):
         use_fields: list[str] | None = None,
     ) -> None:
         super().__init__()
+        self.outputs = frozenset({"logit"})
         used = item_fields(fields, use_fields)
         if item_groups.dim() != 1 or len(item_groups) != fields["item"]:
             raise ValueError(

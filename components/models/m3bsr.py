@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rex.components.models.diff_msin import no_noise
 from rex.config.registry import Factory, register
 
 
@@ -76,6 +75,9 @@ class M3BSR(nn.Module):
         self.experts = experts(dim=dim, streams=self.names)
         self.router = router(dim=dim, num_experts=self.experts.num_experts)
         self.contrast = contrast
+        noise = {"eps", "eps_pred"} if self.denoise else set()
+        pair = {"anchor", "positive"} if contrast is not None else set()
+        self.outputs = frozenset({"logit", *noise, *pair})
         self.target_modalities = ["id", *modalities]
         width = len(self.target_modalities) * dim + dim + self.experts.num_experts * dim
         self.tower = tower(in_dim=width)
@@ -117,8 +119,6 @@ class M3BSR(nn.Module):
         outputs = {"logit": self.head(self.tower(torch.cat(parts, dim=1))).squeeze(-1)}
         if noises:
             outputs["eps"], outputs["eps_pred"] = torch.cat(noises), torch.cat(predictions)
-        else:
-            outputs["eps"], outputs["eps_pred"] = no_noise(mixed)
         if self.contrast is not None:
             a, b = (self.names.index(n) for n in self.contrast)
             outputs["anchor"], outputs["positive"] = interests[:, a], interests[:, b]

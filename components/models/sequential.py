@@ -33,6 +33,7 @@ class SequentialRecommender(nn.Module):
         positional: bool = True,
     ) -> None:
         super().__init__()
+        self.outputs = frozenset({"logits", "labels", "scores"})
         self.dim = dim
         self.item_embedding = nn.Embedding(num_items, dim, padding_idx=0)
         # Positions count back from the most recent item, so left padding to the batch

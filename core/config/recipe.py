@@ -18,9 +18,22 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ValidationError
 
 from rex.config.errors import RecipeError
-from rex.config.schema import Recipe
+from rex.config.schema import Recipe, StageConfig
 
 OVERRIDE_SOURCE = "command-line override"
+
+
+@dataclass(frozen=True)
+class LoadedStage:
+    """One stage of a staged recipe: its settings merged over the recipe's, validated whole."""
+
+    config: StageConfig
+    recipe: Recipe
+    resolved: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.config.name
 
 
 @dataclass(frozen=True)
@@ -28,6 +41,7 @@ class LoadedRecipe:
     path: Path
     recipe: Recipe
     resolved: dict[str, Any]
+    stages: tuple[LoadedStage, ...] = ()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.resolved, sort_keys=False)
@@ -100,6 +114,7 @@ def _apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         if "=" not in item:
             raise RecipeError(f"override {item!r} must look like key.path=value", file=OVERRIDE_SOURCE)
         key, value = item.split("=", 1)
+        key = _stage_index_path(cfg, key)
         _check_override_path(cfg, key)
         try:
             parsed = yaml.safe_load(value) if value else None
@@ -110,6 +125,22 @@ def _apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         except OmegaConfBaseException as exc:
             raise RecipeError(f"cannot set {key}: {exc}", file=OVERRIDE_SOURCE, key=key) from exc
     return cfg
+
+
+def _stage_index_path(cfg: DictConfig, key: str) -> str:
+    """``stages.NAME.rest`` → ``stages.I.rest``, where stage I is named NAME."""
+    parts = key.split(".")
+    if parts[0] != "stages" or len(parts) < 3 or parts[1].isdigit():
+        return key
+    stages = cfg.get("stages")
+    names = [str(s.get("name")) for s in stages] if isinstance(stages, ListConfig) else []
+    if parts[1] not in names:
+        raise RecipeError(
+            f"no stage named {parts[1]!r} (stages: {', '.join(names) or 'none'})",
+            file=OVERRIDE_SOURCE,
+            key=key,
+        )
+    return ".".join(["stages", str(names.index(parts[1])), *parts[2:]])
 
 
 def _check_override_path(cfg: DictConfig, key: str) -> None:
@@ -130,10 +161,13 @@ def _check_override_path(cfg: DictConfig, key: str) -> None:
         raise RecipeError(f"no such recipe section {top!r}{hint}", file=OVERRIDE_SOURCE, key=key)
     node: Any = cfg
     for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]  # a stage, by the index _stage_index_path gave it
+            continue
         if not isinstance(node, DictConfig) or part not in node:
             return  # below here, validation or the builder reports unknown keys with their path
         node = node[part]
-        if not isinstance(node, DictConfig):
+        if not isinstance(node, DictConfig | ListConfig):
             prefix = ".".join(parts[: depth + 1])
             raise RecipeError(
                 f"{prefix} is a value, not a section, so {key} cannot be set", file=OVERRIDE_SOURCE, key=key
@@ -196,12 +230,56 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedR
         detail = str(exc).splitlines()[0]
         raise RecipeError(f"cannot resolve interpolation: {detail}", file=shown, key=key) from exc
     assert isinstance(resolved, dict)
-    try:
-        recipe = Recipe.model_validate(resolved)
-    except ValidationError as exc:
-        raise _pydantic_message(exc, shown, overrides) from exc
+    recipe = _validate({str(k): v for k, v in resolved.items()}, shown, overrides)
     resolved = recipe.model_dump(mode="json")
-    return LoadedRecipe(path=path, recipe=recipe, resolved=resolved)
+    if recipe.stages is None:
+        return LoadedRecipe(path=path, recipe=recipe, resolved=resolved)
+    # A stage keeps only what it sets, so a reloaded run folder merges exactly as the recipe did.
+    resolved["stages"] = [stage.model_dump(mode="json", exclude_unset=True) for stage in recipe.stages]
+    base = {k: v for k, v in resolved.items() if k != "stages"}
+    stages = tuple(_load_stage(base, stage, shown, overrides) for stage in recipe.stages)
+    return LoadedRecipe(path=path, recipe=recipe, resolved=resolved, stages=stages)
+
+
+def _validate(resolved: dict[str, Any], shown: str, overrides: list[str], prefix: str = "") -> Recipe:
+    try:
+        return Recipe.model_validate(resolved)
+    except ValidationError as exc:
+        error = _pydantic_message(exc, shown, overrides)
+    except RecipeError as exc:  # a registry lookup, such as an unknown task
+        error = exc
+        error.file = error.file or shown
+    if prefix:
+        error.key = f"{prefix}.{error.key}" if error.key else prefix
+    raise error
+
+
+def _load_stage(base: dict[str, Any], stage: StageConfig, shown: str, overrides: list[str]) -> LoadedStage:
+    sections = stage.model_dump(
+        mode="json", exclude_unset=True, exclude={"name", "description", "init_from", "export"}
+    )
+    merged = merge_sections(base, sections)
+    recipe = _validate(merged, shown, overrides, prefix=f"stages.{stage.name}")
+    return LoadedStage(config=stage, recipe=recipe, resolved=recipe.model_dump(mode="json"))
+
+
+def merge_sections(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` merged into ``base`` key by key. A component node whose ``_component_`` differs
+    from the base's replaces it whole (a stage's model/tiger keeps none of model/rqvae's
+    arguments); lists and plain values replace."""
+    out = dict(base)
+    for key, value in update.items():
+        current = out.get(key)
+        replaces = (
+            isinstance(value, dict)
+            and "_component_" in value
+            and (not isinstance(current, dict) or current.get("_component_") != value["_component_"])
+        )
+        if isinstance(value, dict) and isinstance(current, dict) and not replaces:
+            out[key] = merge_sections(current, value)
+        else:
+            out[key] = value
+    return out
 
 
 def recipe_files(paths: list[str]) -> list[Path]:

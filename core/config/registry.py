@@ -178,6 +178,11 @@ class ComponentFactory:
         _check_required(self.entry, kwargs, self.path)
         return self.entry.target(**kwargs)
 
+    def check_argument(self, name: str, value: Any, path: str) -> None:
+        """A RecipeError unless ``name`` is an argument of the component and ``value`` fits its type
+        (for settings the parent passes through, such as an optimizer's parameter-group lr)."""
+        _check_argument(self.entry, name, value, path)
+
     def __repr__(self) -> str:
         return f"ComponentFactory({self.entry.key}, {self.kwargs})"
 
@@ -212,6 +217,18 @@ def _from_context(entry: Entry, context: Mapping[str, Any]) -> dict[str, Any]:
     return {n: context[n] for n, p in params.items() if p.default is p.empty and n in context}
 
 
+def _check_argument(entry: Entry, key: str, value: Any, path: str, check_type: bool = True) -> None:
+    params, hints = _signature(entry)
+    if key not in params:
+        close = difflib.get_close_matches(key, list(params), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else f" (arguments: {', '.join(params) or 'none'})"
+        raise RecipeError(f"unknown argument for {entry.key}{hint}", key=path)
+    annotation = hints.get(key, Any)
+    if check_type and not type_matches(value, annotation):
+        shown = value.entry.key if isinstance(value, ComponentFactory) else repr(value)
+        raise RecipeError(f"expected {_type_name(annotation)} for {entry.key}, got {shown}", key=path)
+
+
 def _join(path: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
@@ -221,6 +238,18 @@ def _join(path: str, key: str | int) -> str:
 def build(node: Any, path: str = "", context: Mapping[str, Any] | None = None) -> Any:
     """Build a recipe node (plain dict/list data) recursively into objects."""
     return _build(node, path, context or {}, as_factory=False)
+
+
+def build_factory(
+    node: Mapping[str, Any], path: str, context: Mapping[str, Any] | None = None
+) -> ComponentFactory:
+    """Validate a component node now; the caller builds it later with the arguments it alone has
+    (an optimizer's parameters, say)."""
+    if COMPONENT_KEY not in node:
+        raise RecipeError("must be a component node such as {_component_: optim/adamw, ...}", key=path)
+    factory = _build(node, path, context or {}, as_factory=True)
+    assert isinstance(factory, ComponentFactory)
+    return factory
 
 
 def _build(node: Any, path: str, context: Mapping[str, Any], as_factory: bool) -> Any:
@@ -236,24 +265,19 @@ def _build(node: Any, path: str, context: Mapping[str, Any], as_factory: bool) -
             "_component_ must be a string such as 'encoder/mlp'", key=_join(path, COMPONENT_KEY)
         )
     entry = lookup(name, _join(path, COMPONENT_KEY))
-    params, hints = _signature(entry)
+    _, hints = _signature(entry)
     kwargs: dict[str, Any] = {}
     for key, raw in node.items():
         if key == COMPONENT_KEY:
             continue
         arg_path = _join(path, key)
-        if key not in params:
-            close = difflib.get_close_matches(key, list(params), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else f" (arguments: {', '.join(params) or 'none'})"
-            raise RecipeError(f"unknown argument for {entry.key}{hint}", key=arg_path)
         annotation = hints.get(key, Any)
         wants_factory = get_origin(annotation) is Factory or any(
             get_origin(a) is Factory for a in get_args(annotation)
         )
+        _check_argument(entry, key, None, arg_path, check_type=False)
         value = _build(raw, arg_path, context, as_factory=wants_factory and raw is not None)
-        if not type_matches(value, annotation):
-            shown = value.entry.key if isinstance(value, ComponentFactory) else repr(value)
-            raise RecipeError(f"expected {_type_name(annotation)} for {entry.key}, got {shown}", key=arg_path)
+        _check_argument(entry, key, value, arg_path)
         kwargs[key] = value
     if as_factory:
         return ComponentFactory(entry, kwargs, path, context)

@@ -1,31 +1,32 @@
 """Pydantic models of a recipe's top-level sections.
 
 Every model forbids unknown keys: a misspelt key is an error, never silently ignored.
-``model`` and ``losses`` hold component nodes; the registry validates those when it builds them.
+``model``, ``losses``, ``optimizer``, ``scheduler`` and ``eval.evaluator`` hold component nodes;
+the registry validates those when it builds them. A staged recipe lists ``stages``, each a
+partial recipe merged over the top-level sections (see :mod:`rex.config.recipe`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from rex.config.base import Strict
-from rex.eval.metrics import parse_metric_name
+from rex.eval.metrics import lower_is_better, parse_metric_name
 
-TaskName = Literal["ctr", "next_item"]
+if TYPE_CHECKING:
+    from rex.data.tasks import Task
 
-DEFAULT_METRICS: dict[str, list[str]] = {
-    "ctr": ["auc", "gauc", "logloss"],
-    "next_item": [f"{m}@{k}" for m in ("recall", "ndcg", "mrr") for k in (5, 10, 20)],
-}
-DEFAULT_MONITOR: dict[str, str] = {"ctr": "auc", "next_item": "ndcg@10"}
-LOWER_IS_BETTER = {"logloss"}
+# Stage and export names become folder names and context keys.
+IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
 class DataConfig(Strict):
     name: str = Field(description="dataset name, as prepared by `rex data prepare NAME`")
-    view: Literal["sequence", "ctr"] = Field(description="which tables of the dataset to read")
+    view: str | None = Field(
+        None, description="which tables of the dataset to read (default: the task's, e.g. sequence)"
+    )
     max_len: int = Field(50, ge=1, description="histories keep their most recent max_len items")
     user_columns: list[str] = Field(
         [],
@@ -45,7 +46,11 @@ class TrainConfig(Strict):
     )
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    optimizer: Literal["adam", "adamw"] = "adam"
+    optimizer: str = Field(
+        "adam",
+        description="shorthand for `optimizer: {_component_: optim/NAME, lr: train.lr, weight_decay: "
+        "train.weight_decay}` when the recipe has no optimizer node",
+    )
     patience: int | None = Field(5, ge=1, description="early stopping on the monitored validation metric")
     grad_clip: float | None = Field(None, gt=0)
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
@@ -59,9 +64,13 @@ class TrainConfig(Strict):
 
 
 class EvalConfig(Strict):
-    protocol: Literal["leave_one_out", "holdout"] = Field(
+    protocol: Literal["leave_one_out", "holdout"] | None = Field(
+        None,
         description="leave_one_out: last item per user is test, the one before is valid; "
-        "holdout: the dataset's prepared train/valid/test rows"
+        "holdout: the dataset's prepared train/valid/test rows",
+    )
+    evaluator: dict[str, Any] | None = Field(
+        None, description="an eval/... component node (default: the task's evaluator)"
     )
     metrics: list[str] | None = None
     monitor: str | None = Field(None, description="validation metric used for model selection")
@@ -91,44 +100,86 @@ class LoggingConfig(Strict):
     wandb: WandbConfig | None = None
 
 
+class InitFrom(Strict):
+    stage: str = Field(description="an earlier stage of the same recipe")
+    modules: dict[str, str] = Field(
+        min_length=1,
+        description="module name in that stage -> module name in this one (e.g. model.encoder: model.encoder)",
+    )
+
+
+class StageConfig(Strict):
+    """One stage: a partial recipe merged over the top-level sections, plus what links stages."""
+
+    name: str = Field(pattern=IDENTIFIER)
+    description: str | None = None
+    task: str | None = None
+    data: dict[str, Any] | None = None
+    model: dict[str, Any] | None = None
+    losses: list[dict[str, Any]] | None = None
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    freeze: list[str] | None = None
+    train: dict[str, Any] | None = None
+    eval: dict[str, Any] | None = None
+    init_from: InitFrom | None = None
+    export: dict[str, str] = Field(
+        {},
+        description="artifact name -> method of the trained model that returns it (a tensor with "
+        "one row per item); later stages receive it by name in their build context",
+    )
+
+
 class Recipe(Strict):
     name: str
     description: str | None = None
-    task: TaskName
+    task: str
     data: DataConfig
-    model: dict[str, Any]
-    losses: list[dict[str, Any]] = Field(min_length=1)
+    model: dict[str, Any] | None = None
+    losses: list[dict[str, Any]] | None = Field(None, min_length=1)
+    optimizer: dict[str, Any] | None = Field(
+        None, description="an optim/... node with parameter groups (default: train.optimizer)"
+    )
+    scheduler: dict[str, Any] | None = Field(None, description="a sched/... node (default: constant lr)")
+    freeze: list[str] = Field([], description="parameter-name globs to freeze (requires_grad=False)")
     train: TrainConfig = TrainConfig()
     eval: EvalConfig
     logging: LoggingConfig = LoggingConfig()
     seed: int | list[int] = 42
     plugins: list[str] = []
+    stages: list[StageConfig] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _fill_task_defaults(self) -> Recipe:
+        if self.stages is not None:
+            names = [stage.name for stage in self.stages]
+            if len(set(names)) != len(names):
+                raise ValueError(f"stage names must be unique, got {names}")
+            return self  # each stage is validated as a whole recipe once merged
+        if self.model is None or self.losses is None:
+            missing = "model" if self.model is None else "losses"
+            raise ValueError(f"{missing} is required (or declare stages)")
+        task = self.task_spec
+        if self.data.view is None:
+            self.data.view = task.view
         if self.eval.metrics is None:
-            self.eval.metrics = list(DEFAULT_METRICS[self.task])
+            self.eval.metrics = list(task.metrics)
         if self.eval.monitor is None:
-            self.eval.monitor = DEFAULT_MONITOR[self.task]
+            self.eval.monitor = task.monitor
         if self.eval.monitor not in self.eval.metrics:
             raise ValueError(
                 f"eval.monitor {self.eval.monitor!r} must be one of eval.metrics {self.eval.metrics}"
             )
-        if self.task == "next_item":
-            if self.eval.protocol != "leave_one_out" or self.data.view != "sequence":
-                raise ValueError("task next_item needs data.view: sequence and eval.protocol: leave_one_out")
-            if any(parse_metric_name(m)[1] is None for m in self.eval.metrics):
-                raise ValueError("task next_item takes ranking metrics such as ndcg@10 in eval.metrics")
-            if self.train.batch_samples is not None and self.train.batch_samples < self.data.max_len:
-                raise ValueError(
-                    f"train.batch_samples ({self.train.batch_samples}) must be at least data.max_len "
-                    f"({self.data.max_len}): one sequence holds up to max_len samples"
-                )
-        elif self.train.batch_samples is not None:
-            raise ValueError("train.batch_samples applies to task next_item only; use train.batch_size")
-        if self.task == "ctr" and any(parse_metric_name(m)[1] is not None for m in self.eval.metrics):
-            raise ValueError("task ctr takes auc, gauc and logloss in eval.metrics")
+        if self.eval.evaluator is None:
+            self.eval.evaluator = {"_component_": task.evaluator}
+        task.check(self)
         return self
+
+    @property
+    def task_spec(self) -> Task:
+        from rex.data.tasks import task_named
+
+        return task_named(self.task)
 
     @property
     def seeds(self) -> list[int]:
@@ -136,4 +187,4 @@ class Recipe(Strict):
 
     @property
     def monitor_mode(self) -> Literal["min", "max"]:
-        return "min" if self.eval.monitor in LOWER_IS_BETTER else "max"
+        return "min" if lower_is_better(str(self.eval.monitor)) else "max"

@@ -7,7 +7,7 @@ import ctypes
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
@@ -22,6 +22,9 @@ from rex.data.lance_io import RaggedColumn, read_columns
 from rex.data.loader import BatchLoader, Column, Ragged
 from rex.data.schema import DatasetSchema, ViewSpec, load_schema
 
+if TYPE_CHECKING:
+    from rex.data.tasks import Task
+
 INT32 = np.iinfo(np.int32)
 
 
@@ -33,15 +36,16 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _column(column: Any, max_len: int) -> Column:
-    if isinstance(column, RaggedColumn):
+def column(raw: Any, max_len: int) -> Column:
+    """A column as read from Lance, as the loader holds it: lists as :class:`Ragged`."""
+    if isinstance(raw, RaggedColumn):
         # Compacted and given Ragged's zero prefix in one allocation: no full-width second copy.
-        values = np.asarray(column.values)
+        values = np.asarray(raw.values)
         prefixed = np.zeros(max_len + values.size, dtype=_id_dtype(values))
         prefixed[max_len:] = values
-        offsets = _tensor(column.offsets, compact=False)
+        offsets = compact_tensor(raw.offsets, compact=False)
         return Ragged(torch.from_numpy(prefixed), offsets, max_len, prefixed=True)
-    return _tensor(column)
+    return compact_tensor(raw)
 
 
 def _id_dtype(ids: np.ndarray) -> type[np.signedinteger[Any]]:
@@ -50,7 +54,7 @@ def _id_dtype(ids: np.ndarray) -> type[np.signedinteger[Any]]:
     return np.int32 if fits else np.int64
 
 
-def _tensor(column: Any, compact: bool = True) -> Tensor:
+def compact_tensor(column: Any, compact: bool = True) -> Tensor:
     """A column as a tensor: floats as float32; ids as int32 when they fit (``compact``).
 
     Ids are most of a split's memory, and int32 halves it; the loader widens each batch back
@@ -68,15 +72,6 @@ def _tensor(column: Any, compact: bool = True) -> Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(array)
-
-
-def next_item_pairs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Sequences (B, W + 1) → ``items`` (B, W) inputs and ``targets`` (B, W), the next item at
-    each position (0 where the input is padding), so the loss covers every position."""
-    sequences = batch["items"]
-    inputs = sequences[:, :-1]
-    targets = torch.where(inputs > 0, sequences[:, 1:], 0)
-    return {**batch, "items": inputs, "targets": targets}
 
 
 class UserJoin:
@@ -128,15 +123,19 @@ class LazyContext(Mapping[str, Any]):
 
 
 class RexDataModule(L.LightningDataModule):
-    """Reads the recipe's view (``sequence`` or ``ctr``) of a prepared dataset.
+    """Reads the recipe's view of a prepared dataset, split by split, as its task says.
 
     Batches carry tensors by role: ``user``, ``item``, ``label``, ``history``, ``target``,
     the categorical feature fields, and for sequence training ``items``/``targets``.
     """
 
-    def __init__(self, recipe: Recipe, dataset_dir: Path, seed: int) -> None:
+    def __init__(
+        self, recipe: Recipe, dataset_dir: Path, seed: int, extra_context: Mapping[str, Any] | None = None
+    ) -> None:
         super().__init__()
         self.recipe = recipe
+        self.task: Task = recipe.task_spec
+        self.extra_context = dict(extra_context or {})
         self.dataset_dir = dataset_dir
         self.seed = seed
         self.schema: DatasetSchema = load_schema(dataset_dir)
@@ -170,6 +169,8 @@ class RexDataModule(L.LightningDataModule):
                 # Computed on first use only: a recipe pays for what its components ask for.
                 "item_features": self.item_features,
                 "item_groups": lambda: torch.from_numpy(item_groups(self.dataset_dir)),
+                # what earlier stages exported (item_codes, say)
+                **self.extra_context,
             }
         )
 
@@ -183,7 +184,8 @@ class RexDataModule(L.LightningDataModule):
         return self._item_features
 
     # ------------------------------------------------------------------ loading
-    def _table(self, split: str) -> Path:
+    def table(self, split: str) -> Path:
+        """The Lance table of ``split`` in the recipe's view."""
         name = self.view.tables.get(split)
         if name is None:
             raise DataError(
@@ -191,31 +193,12 @@ class RexDataModule(L.LightningDataModule):
             )
         return self.dataset_dir / f"{name}.lance"
 
-    def _columns(self, split: str) -> dict[str, Column]:
-        max_len = self.recipe.data.max_len
-        path = self._table(split)
-        if self.recipe.data.view == "sequence" and split == "train":
-            raw = read_columns(path, ["user", "items"])
-            items = raw.pop("items")
-            assert isinstance(items, RaggedColumn)
-            keep = np.flatnonzero(items.lengths() >= 2)  # an input and a next item at least
-            # Compacted before the rows are taken, so the copy that take makes is the small one.
-            items = RaggedColumn(_tensor(items.values).numpy(), items.offsets).take(keep)
-            columns: dict[str, Column] = {
-                "user": _tensor(np.asarray(raw.pop("user"))[keep]),
-                # max_len inputs and their next items: batches split this in next_item_pairs
-                "items": _column(items, max_len + 1),
-            }
-            release_freed_memory()
-            return columns
-        names = [
-            name for name, spec in self.view.fields.items() if spec.kind != "sequence" or name == "history"
-        ]
-        if self.recipe.data.view == "sequence":
-            names = ["user", "history", "target"]
+    def read(self, split: str, names: list[str]) -> dict[str, Column]:
+        """Columns of the split's table, as the loader holds them."""
         # One column at a time, each compacted before the next is read: the peak is the compact
         # data plus one column as read, rather than every column at full width.
-        columns = {name: _column(read_columns(path, [name])[name], max_len) for name in names}
+        path, max_len = self.table(split), self.recipe.data.max_len
+        columns = {name: column(read_columns(path, [name])[name], max_len) for name in names}
         release_freed_memory()
         return columns
 
@@ -247,7 +230,7 @@ class RexDataModule(L.LightningDataModule):
                 f"the users table must hold row u = user u; rebuild with `rex data prepare {self.schema.name} --force`",
                 file=schema_file,
             )
-        columns = {n: _column(raw[n], self.recipe.data.max_len) for n in names}
+        columns = {n: column(raw[n], self.recipe.data.max_len) for n in names}
         self._user_join = UserJoin({n: c for n, c in columns.items() if isinstance(c, Ragged)})
         return self._user_join
 
@@ -255,20 +238,18 @@ class RexDataModule(L.LightningDataModule):
         """The split's loader, read from Lance on first use (a test split is not read to train)."""
         if split not in self._loaders:
             train = split == "train"
-            batch_size = self.recipe.train.batch_size if train else self.recipe.eval.batch_size
-            pairs = train and self.recipe.data.view == "sequence"
-            columns = self._columns(split)
+            columns = self.task.columns(self, split)
             budget = None
-            if pairs and self.recipe.train.batch_samples is not None:
-                items = columns["items"]
-                assert isinstance(items, Ragged)
-                budget = (items.lengths() - 1, self.recipe.train.batch_samples)  # inputs with a next item
+            if train and self.recipe.train.batch_samples is not None:
+                weights = self.task.sample_weights(columns)
+                assert weights is not None, "Task.check allows batch_samples only where rows hold samples"
+                budget = (weights, self.recipe.train.batch_samples)
             self._loaders[split] = BatchLoader(
                 columns,
-                batch_size,
+                self.recipe.train.batch_size if train else self.recipe.eval.batch_size,
                 shuffle=train,
                 seed=self.seed,
-                transform=_then(next_item_pairs if pairs else None, self.user_join()),
+                transform=_then(self.task.transform(split), self.user_join()),
                 by_length=not train,
                 budget=budget,
             )

@@ -1,19 +1,26 @@
-"""Recipe → built objects for one seed: the data module, the model and its weighted losses."""
+"""Recipe → built objects for one seed: the data module, the model, its losses and evaluator."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import lightning as L
+from torch import nn
 
 from rex.config.errors import RecipeError
-from rex.config.registry import build, load_plugins
+from rex.config.registry import build, build_factory, load_plugins
 from rex.config.schema import Recipe
 from rex.data.datamodule import RexDataModule
 from rex.data.prepare import ensure_dataset
 from rex.data.schema import data_hash
 from rex.engine.module import RexModule, WeightedLoss
-from rex.eval.evaluators import make_evaluator
+from rex.engine.optim import default_optimizer, freeze
+from rex.eval.evaluators import Evaluator
+
+# Keys of a loss node that belong to the core, not to the loss component.
+LOSS_KEYS = ("weight", "optional")
 
 
 @dataclass
@@ -21,28 +28,90 @@ class Built:
     datamodule: RexDataModule
     module: RexModule
     data_hash: str
+    skipped_losses: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
 
 
-def build_run(recipe: Recipe, seed: int, source: str) -> Built:
-    """Data, model and losses for one seed; errors name the recipe file and key path."""
+def build_run(
+    recipe: Recipe, seed: int, source: str, extra_context: Mapping[str, Any] | None = None
+) -> Built:
+    """Data, model, losses, evaluator and optimizer settings for one seed.
+
+    ``extra_context`` holds what earlier stages exported; components receive it by argument name
+    like ``num_items``. Errors name the recipe file and key path.
+    """
     L.seed_everything(seed, workers=True, verbose=False)
     dataset_dir = ensure_dataset(recipe.data.name)
-    datamodule = RexDataModule(recipe, dataset_dir, seed)
+    datamodule = RexDataModule(recipe, dataset_dir, seed, extra_context)
     load_plugins(recipe.plugins)
     context = datamodule.context()
     try:
+        assert recipe.model is not None and recipe.losses is not None, "validated by Recipe"
         model = build(recipe.model, "model", context)
-        losses = []
-        for i, node in enumerate(recipe.losses):
-            node = dict(node)
-            weight = node.pop("weight", 1.0)
-            if not isinstance(weight, int | float):
-                raise RecipeError(f"weight must be a number, got {weight!r}", key=f"losses[{i}].weight")
-            module = build(node, f"losses[{i}]", context)
-            name = str(node.get("_component_", "loss")).rsplit("/", 1)[-1]
-            losses.append(WeightedLoss(name, float(weight), module))
+        outputs = _declared_outputs(model)
+        losses, skipped = _build_losses(recipe.losses, context, outputs)
+        evaluator = build(recipe.eval.evaluator, "eval.evaluator", _evaluator_context(recipe))
+        if not isinstance(evaluator, Evaluator):
+            raise RecipeError("must be an eval/... component (see `rex list eval`)", key="eval.evaluator")
+        _check_reads(evaluator.reads, outputs, "eval.evaluator", "this evaluator")
+        optimizer = recipe.optimizer or default_optimizer(
+            recipe.train.optimizer, recipe.train.lr, recipe.train.weight_decay
+        )
+        build_factory(optimizer, "optimizer")  # checked now; built by Lightning with the parameters
+        if recipe.scheduler is not None:
+            build_factory(recipe.scheduler, "scheduler")
+        module = RexModule(model, losses, evaluator, optimizer, recipe.scheduler, str(recipe.eval.monitor))
+        frozen = freeze(module, recipe.freeze)
     except RecipeError as exc:
         exc.file = exc.file or source
         raise
-    module = RexModule(model, losses, make_evaluator(recipe), recipe.train, str(recipe.eval.monitor))
-    return Built(datamodule, module, data_hash(dataset_dir))
+    return Built(datamodule, module, data_hash(dataset_dir), skipped, frozen)
+
+
+def _declared_outputs(model: nn.Module) -> frozenset[str] | None:
+    """The output names a model declares (``model.outputs``); None for a plugin that declares none."""
+    outputs = getattr(model, "outputs", None)
+    return frozenset(outputs) if outputs is not None else None
+
+
+def _check_reads(reads: tuple[str, ...], outputs: frozenset[str] | None, key: str, what: str) -> None:
+    missing = [name for name in reads if outputs is not None and name not in outputs]
+    if missing:
+        raise RecipeError(
+            f"{what} reads model output {', '.join(missing)}, which the model does not produce "
+            f"(it produces: {', '.join(sorted(outputs or ()))}); mark the loss `optional: true` "
+            "if an ablation removes it",
+            key=key,
+        )
+
+
+def _build_losses(
+    nodes: list[dict[str, Any]], context: Mapping[str, Any], outputs: frozenset[str] | None
+) -> tuple[list[WeightedLoss], list[str]]:
+    """The weighted losses, minus the optional ones whose model outputs an ablation removed."""
+    losses, skipped = [], []
+    for i, node in enumerate(nodes):
+        node = dict(node)
+        weight = node.pop("weight", 1.0)
+        optional = node.pop("optional", False)
+        if not isinstance(weight, int | float) or isinstance(weight, bool):
+            raise RecipeError(f"weight must be a number, got {weight!r}", key=f"losses[{i}].weight")
+        if not isinstance(optional, bool):
+            raise RecipeError(
+                f"optional must be true or false, got {optional!r}", key=f"losses[{i}].optional"
+            )
+        module = build(node, f"losses[{i}]", context)
+        name = str(node.get("_component_", "loss")).rsplit("/", 1)[-1]
+        reads = tuple(getattr(module, "reads", ()))
+        if optional and outputs is not None and not set(reads) <= outputs:
+            skipped.append(name)
+            continue
+        _check_reads(reads, outputs, f"losses[{i}]", f"loss {node.get('_component_')}")
+        losses.append(WeightedLoss(name, float(weight), module))
+    if not losses:
+        raise RecipeError("every loss was optional and skipped: nothing to train", key="losses")
+    return losses, skipped
+
+
+def _evaluator_context(recipe: Recipe) -> dict[str, Any]:
+    return {"metrics": list(recipe.eval.metrics or []), "exclude_history": recipe.eval.exclude_history}

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from rex.config.schema import TrainConfig
+from rex.engine.optim import build_optimizer, build_scheduler
 from rex.eval.evaluators import Evaluator
 
 
@@ -29,7 +29,8 @@ class RexModule(L.LightningModule):
         model: nn.Module,
         losses: list[WeightedLoss],
         evaluator: Evaluator,
-        train: TrainConfig,
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any] | None,
         monitor: str,
     ) -> None:
         super().__init__()
@@ -37,7 +38,8 @@ class RexModule(L.LightningModule):
         self.loss_modules = nn.ModuleList([loss.module for loss in losses])
         self.losses = losses
         self.evaluator = evaluator
-        self.train_config = train
+        self.optimizer_node = optimizer
+        self.scheduler_node = scheduler
         self.monitor = monitor
         self._last_step_end: float | None = None
 
@@ -88,10 +90,15 @@ class RexModule(L.LightningModule):
         self.log_dict({f"test/{k}": v for k, v in self.evaluator.compute().items()})
 
     # --------------------------------------------------------------- optimisation
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        cfg = self.train_config
-        optimizer = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-        return optimizer(self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    def configure_optimizers(self) -> Any:
+        optimizer = build_optimizer(self.optimizer_node, self)
+        if self.scheduler_node is None:
+            return optimizer
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": build_scheduler(self.scheduler_node, optimizer, total_steps),
+        }
 
     # --------------------------------------------------------------- exact resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -6,7 +6,8 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from rex.config.errors import RexError
 from rex.config.recipe import LoadedRecipe, load_recipe
 from rex.config.schema import Recipe
 from rex.engine.allocator import reuse_freed_memory
-from rex.engine.build import build_run
+from rex.engine.build import Built, build_run
 from rex.engine.runs import (
     ENV_FILE,
     RECIPE_FILE,
@@ -110,23 +111,61 @@ def run_one(
     resume: bool = False,
     extra_callbacks: Sequence[Callback] = (),
     test: bool = True,
+    reuse: Path | None = None,
 ) -> dict[str, Any]:
     """Train one seed into ``run_dir`` (or continue it), then test the best checkpoint once.
 
     ``extra_callbacks`` run after the metrics recorder (a sweep's pruning callback sees an epoch
     only once it is in metrics.json). ``test=False`` leaves the test split untouched: sweep
     trials select on validation only, and only the final re-run of the best trial is tested.
+    A staged recipe runs its stages in order (see :mod:`rex.engine.stages`); ``reuse`` names an
+    earlier run whose finished stages with the same settings are taken over rather than rerun.
     """
-    recipe = loaded.recipe
+    if loaded.stages:
+        from rex.engine.stages import run_stages
+
+        return run_stages(loaded, seed, run_dir, resume, extra_callbacks, test, reuse)
+    return fit_and_test(
+        loaded.recipe, loaded.resolved, str(loaded.path), seed, run_dir, resume, extra_callbacks, test
+    ).metrics
+
+
+@dataclass
+class Fitted:
+    """A finished fit: what metrics.json holds, the trained objects and the best checkpoint."""
+
+    metrics: dict[str, Any]
+    built: Built
+    best_checkpoint: Path
+
+
+def fit_and_test(
+    recipe: Recipe,
+    resolved: dict[str, Any],
+    source: str,
+    seed: int,
+    run_dir: Path,
+    resume: bool = False,
+    extra_callbacks: Sequence[Callback] = (),
+    test: bool = True,
+    context: Mapping[str, Any] | None = None,
+    before_fit: Callable[[Built], None] | None = None,
+) -> Fitted:
+    """One recipe (or one stage) trained into ``run_dir``: see :func:`run_one`. ``context`` holds
+    earlier stages' exports; ``before_fit`` prepares the built module (a stage's init_from)."""
     quiet_lightning()
     reuse_freed_memory()
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
-    built = build_run(recipe, seed, str(loaded.path))
-    if not resume:
-        atomic_write_text(
-            run_dir / RECIPE_FILE, yaml.safe_dump({**loaded.resolved, "seed": seed}, sort_keys=False)
+    built = build_run(recipe, seed, source, context)
+    if built.skipped_losses:
+        console.print(
+            f"[dim]optional losses skipped (their model outputs are absent): {', '.join(built.skipped_losses)}[/]"
         )
+    if before_fit is not None and not resume:
+        before_fit(built)
+    if not resume:
+        atomic_write_text(run_dir / RECIPE_FILE, yaml.safe_dump({**resolved, "seed": seed}, sort_keys=False))
         atomic_write_json(run_dir / ENV_FILE, environment(built.data_hash))
     monitor = f"val/{recipe.eval.monitor}"
     ckpt_dir = run_dir / CHECKPOINTS
@@ -166,7 +205,7 @@ def run_one(
     if recipe.logging.wandb is not None:
         from rex.engine.tracking import WandbRunInfo
 
-        callbacks.append(WandbRunInfo({**loaded.resolved, "seed": seed}, built.data_hash, run_dir))
+        callbacks.append(WandbRunInfo({**resolved, "seed": seed}, built.data_hash, run_dir))
     trainer = _trainer(recipe, run_dir, callbacks)
     started = time.perf_counter()
     last = ckpt_dir / "last.ckpt"
@@ -198,29 +237,37 @@ def run_one(
         from rex.engine.tracking import finish_wandb
 
         finish_wandb(trainer, run_dir)
-    return recorder.data
+    return Fitted(recorder.data, built, Path(best_path))
 
 
 def _float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def train(recipe_path: str | Path, overrides: list[str], seeds: int | None = None) -> Path:
-    """``rex train``: one run folder per seed; several seeds share a parent with a summary."""
+def train(
+    recipe_path: str | Path, overrides: list[str], seeds: int | None = None, reuse_stages: Path | None = None
+) -> Path:
+    """``rex train``: one run folder per seed; several seeds share a parent with a summary.
+    ``reuse_stages`` names an earlier run whose finished stages (same settings) are taken over."""
     loaded = load_recipe(recipe_path, overrides)
+    if reuse_stages is not None:
+        if not loaded.stages:
+            raise RexError("--reuse-stages needs a recipe with stages", file=str(recipe_path))
+        if not reuse_stages.is_dir():
+            raise RexError("--reuse-stages: no such run folder", file=str(reuse_stages))
     recipe = loaded.recipe
     seed_list = [recipe.seeds[0] + i for i in range(seeds)] if seeds else recipe.seeds
     root = new_run_dir(Path(recipe.logging.run_root).resolve(), recipe.name)
     try:
         if len(seed_list) == 1:
-            results = [run_one(loaded, seed_list[0], root)]
+            results = [run_one(loaded, seed_list[0], root, reuse=reuse_stages)]
         else:
             results = []
             for seed in seed_list:
                 run_dir = root / f"seed-{seed}"
                 run_dir.mkdir()
                 console.rule(f"{recipe.name} · seed {seed}")
-                results.append(run_one(loaded, seed, run_dir))
+                results.append(run_one(loaded, seed, run_dir, reuse=reuse_stages))
             atomic_write_json(root / "summary.json", summarize(results))
     except RexError:
         _remove_if_empty(root)
@@ -245,11 +292,12 @@ def resume(run_dir: Path) -> Path:
         raise RexError(
             f"not a run folder (no {RECIPE_FILE}); pass runs/<recipe>/<timestamp>", file=str(run_dir)
         )
-    if not (run_dir / CHECKPOINTS / "last.ckpt").is_file():
-        raise RexError("no checkpoints/last.ckpt to resume from; start a new run instead", file=str(run_dir))
     if "test" in read_metrics(run_dir):
         raise RexError("this run already finished (metrics.json has test metrics)", file=str(run_dir))
     loaded = load_recipe(recipe_file)
+    # A staged run continues at its first unfinished stage, whether or not that one has started.
+    if not loaded.stages and not (run_dir / CHECKPOINTS / "last.ckpt").is_file():
+        raise RexError("no checkpoints/last.ckpt to resume from; start a new run instead", file=str(run_dir))
     result = run_one(loaded, loaded.recipe.seeds[0], run_dir, resume=True)
     print_summary(loaded.recipe, [result], run_dir)
     return run_dir

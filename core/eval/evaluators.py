@@ -1,4 +1,9 @@
-"""Evaluation protocols: accumulate model outputs over a split, then compute its metrics."""
+"""Evaluation protocols: accumulate model outputs over a split, then compute its metrics.
+
+Evaluators are registered components (``eval/ranking``, ``eval/click``, ...). A recipe names one
+in ``eval.evaluator``, or its task's default is used; the core passes the recipe's
+``eval.metrics`` (and ``eval.exclude_history``, to an evaluator that asks for it).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,19 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from rex.config.schema import Recipe
+from rex.config.registry import register
 from rex.eval import metrics as M
 
 
 class Evaluator:
-    """Collects what a split's metrics need, batch by batch; ``compute`` returns name → value."""
+    """Collects what a split's metrics need, batch by batch; ``compute`` returns name → value.
+
+    ``reads`` names the model outputs that ``update`` uses (checked against the model's declared
+    outputs at build time); an evaluator that drives the model through methods of its own (a
+    beam search) reads none.
+    """
+
+    reads: tuple[str, ...] = ()
 
     def reset(self) -> None:
         raise NotImplementedError
@@ -24,9 +36,19 @@ class Evaluator:
         raise NotImplementedError
 
 
+def check_metrics(metrics: list[str], allowed: set[str], evaluator: str) -> list[str]:
+    """``metrics`` unchanged when each names a metric in ``allowed``; a clear ValueError otherwise."""
+    for name in metrics:
+        if M.parse_metric_name(name)[0] not in allowed:
+            raise ValueError(f"{evaluator} cannot compute {name!r}; it computes {', '.join(sorted(allowed))}")
+    return metrics
+
+
+@register("eval/ranking")
 class RankingEvaluator(Evaluator):
     """Full ranking over every item for next-item prediction (one held-out target per user).
 
+    Reads ``scores`` (B, num_items) for a batch's ``history`` (B, L) and ``target`` (B,).
     Scores of the padding item, and of the history's items when ``exclude_history`` is set, are
     masked to -inf. Only the target's rank is kept per user. A batch is scored ``chunk_rows``
     users at a time: a (chunk_rows, num_items) score matrix stays in cache while it is masked
@@ -34,8 +56,10 @@ class RankingEvaluator(Evaluator):
     memory is bounded by it whatever the evaluation batch size.
     """
 
-    def __init__(self, metric_names: list[str], exclude_history: bool, chunk_rows: int = 256) -> None:
-        self.metric_names = metric_names
+    reads = ("scores",)
+
+    def __init__(self, metrics: list[str], exclude_history: bool, chunk_rows: int = 256) -> None:
+        self.metric_names = check_metrics(metrics, set(M.RANKING_METRICS), "eval/ranking")
         self.exclude_history = exclude_history
         self.chunk_rows = chunk_rows
         self.reset()
@@ -58,13 +82,17 @@ class RankingEvaluator(Evaluator):
             self._ranks.append(M.target_rank(scores, chunk["target"]).cpu())
 
     def compute(self) -> dict[str, float]:
-        ranks = torch.cat(self._ranks)
-        out = {}
-        for name in self.metric_names:
-            metric, k = M.parse_metric_name(name)
-            assert k is not None
-            out[name] = float(M.RANKING_METRICS[metric](ranks, k, self._num_items).mean())
-        return out
+        return ranking_metrics(torch.cat(self._ranks), self.metric_names, self._num_items)
+
+
+def ranking_metrics(ranks: Tensor, names: list[str], num_items: int | None) -> dict[str, float]:
+    """Each ``name@k`` averaged over the 0-based target ``ranks`` (B,)."""
+    out = {}
+    for name in names:
+        metric, k = M.parse_metric_name(name)
+        assert k is not None
+        out[name] = float(M.RANKING_METRICS[metric](ranks, k, num_items).mean())
+    return out
 
 
 def _trim_left_padding(history: Tensor) -> Tensor:
@@ -74,17 +102,22 @@ def _trim_left_padding(history: Tensor) -> Tensor:
     return history[:, int(used[0]) :] if used.numel() else history[:, -1:]
 
 
+@register("eval/click")
 class ClickEvaluator(Evaluator):
-    """AUC, gAUC (grouped by user) and logloss over every row of a split."""
+    """AUC, gAUC and logloss of ``logit`` (B,) against ``label`` (B,) over a split's rows.
 
-    FUNCTIONS: dict[str, Callable[[Tensor, Tensor, Tensor], float]] = {
+    gAUC groups the rows by ``user`` (B,)."""
+
+    reads = ("logit",)
+    # How each CTR metric of the table is called: logloss takes probabilities, gauc the users.
+    CALLS: dict[str, Callable[[Tensor, Tensor, Tensor], float]] = {
         "auc": lambda logit, label, user: M.auc(logit, label),
         "gauc": lambda logit, label, user: M.gauc(logit, label, user),
         "logloss": lambda logit, label, user: M.logloss(torch.sigmoid(logit), label),
     }
 
-    def __init__(self, metric_names: list[str]) -> None:
-        self.metric_names = metric_names
+    def __init__(self, metrics: list[str]) -> None:
+        self.metric_names = check_metrics(metrics, set(self.CALLS), "eval/click")
         self.reset()
 
     def reset(self) -> None:
@@ -97,11 +130,4 @@ class ClickEvaluator(Evaluator):
 
     def compute(self) -> dict[str, float]:
         logit, label, user = (torch.cat(part) for part in zip(*self._parts, strict=True))
-        return {name: self.FUNCTIONS[name](logit, label, user) for name in self.metric_names}
-
-
-def make_evaluator(recipe: Recipe) -> Evaluator:
-    names = list(recipe.eval.metrics or [])
-    if recipe.task == "next_item":
-        return RankingEvaluator(names, recipe.eval.exclude_history)
-    return ClickEvaluator(names)
+        return {name: self.CALLS[name](logit, label, user) for name in self.metric_names}

@@ -23,18 +23,22 @@ import difflib
 import math
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from rex.config.registry import register
 
 __all__ = [
-    "CTR_METRICS",
+    "METRICS",
+    "Metric",
     "RANKING_METRICS",
     "auc",
     "gauc",
     "hit_at_k",
     "logloss",
+    "lower_is_better",
     "mrr_at_k",
     "ndcg_at_k",
     "parse_metric_name",
@@ -326,13 +330,41 @@ def mrr_at_k(ranks: torch.Tensor, k: int, num_items: int | None = None) -> torch
 
 # --------------------------------------------------------------------------- names
 
-CTR_METRICS: dict[str, Callable[..., float]] = {"auc": auc, "gauc": gauc, "logloss": logloss}
-RANKING_METRICS: dict[str, Callable[..., torch.Tensor]] = {
-    "hit": hit_at_k,
-    "recall": recall_at_k,
-    "ndcg": ndcg_at_k,
-    "mrr": mrr_at_k,
+
+@dataclass(frozen=True)
+class Metric:
+    """One row of the metric table: how a recipe's metric name is read and which way is better.
+
+    ``function`` is None for statistics that their evaluator computes itself (a tokenizer's
+    codebook usage, a beam search's invalid beams); ``cutoff`` metrics are written ``name@k``.
+    """
+
+    function: Callable[..., Any] | None
+    cutoff: bool = False
+    lower_is_better: bool = False
+
+
+METRICS: dict[str, Metric] = {
+    "auc": Metric(auc),
+    "gauc": Metric(gauc),
+    "logloss": Metric(logloss, lower_is_better=True),
+    "hit": Metric(hit_at_k, cutoff=True),
+    "recall": Metric(recall_at_k, cutoff=True),
+    "ndcg": Metric(ndcg_at_k, cutoff=True),
+    "mrr": Metric(mrr_at_k, cutoff=True),
+    "recon_mse": Metric(None, lower_is_better=True),
+    "codebook_usage": Metric(None),
+    "collision_rate": Metric(None, lower_is_better=True),
+    "invalid_beams": Metric(None, lower_is_better=True),
+    "duplicate_beams": Metric(None, lower_is_better=True),
 }
+RANKING_METRICS = {name: m.function for name, m in METRICS.items() if m.cutoff}
+
+
+def lower_is_better(name: str) -> bool:
+    """Whether a smaller value of the metric named ``name`` (``logloss``, ``ndcg@10``) is better."""
+    return METRICS[parse_metric_name(name)[0]].lower_is_better
+
 
 _K_PATTERN = re.compile(r"[0-9]+")
 
@@ -350,15 +382,15 @@ def parse_metric_name(name: str) -> tuple[str, int | None]:
         raise ValueError(f"metric name must be a string such as 'ndcg@10', got {name!r}")
     text = name.strip()
     base, sep, k_text = text.partition("@")
-    known = sorted(CTR_METRICS) + sorted(RANKING_METRICS)
-    if base not in CTR_METRICS and base not in RANKING_METRICS:
+    known = sorted(METRICS)
+    if base not in METRICS:
         close = difflib.get_close_matches(base, known, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise ValueError(
             f"unknown metric {name!r}{hint}; known: {', '.join(known)} "
             "(ranking metrics take @k, e.g. ndcg@10)"
         )
-    if base in CTR_METRICS:
+    if not METRICS[base].cutoff:
         if sep:
             raise ValueError(f"metric {base!r} takes no @k cut-off, got {name!r}; write {base!r}")
         return base, None

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from rex.config.base import Strict
 from rex.config.errors import RecipeError
 from rex.config.recipe import read_yaml_mapping
-from rex.config.schema import LOWER_IS_BETTER
+from rex.eval.metrics import lower_is_better
 
 Direction = Literal["maximize", "minimize"]
 
@@ -230,7 +230,7 @@ def check_objective(spec: SweepSpec, metrics: list[str], file: str) -> None:
             file=file,
             key="objective.metric",
         )
-    natural: Direction = "minimize" if metric in LOWER_IS_BETTER else "maximize"
+    natural: Direction = "minimize" if lower_is_better(metric) else "maximize"
     if spec.objective.direction != natural:
         better = "lower" if natural == "minimize" else "higher"
         raise RecipeError(

@@ -1,0 +1,145 @@
+"""Tasks: how a recipe's training and evaluation batches are built, and what selects models.
+
+A task is a registered component (``task/ctr``, ``task/next_item``, ``task/items``) that a
+recipe names in ``task:``. It binds the data view it reads by default, the columns of each split,
+the transform that turns a training batch into model inputs, and the default evaluator,
+metrics and monitor. Adding a task never means editing the core: register a :class:`Task`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rex.config.errors import RecipeError
+from rex.config.registry import entries, register
+from rex.data.datamodule import RexDataModule, column, compact_tensor
+from rex.data.lance_io import RaggedColumn, read_columns
+from rex.data.loader import Column, Ragged
+
+if TYPE_CHECKING:
+    from rex.config.schema import Recipe
+
+Transform = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+RANKING = tuple(f"{m}@{k}" for m in ("recall", "ndcg", "mrr") for k in (5, 10, 20))
+
+
+class Task:
+    """Base class of tasks. Subclasses set the class attributes and override what differs."""
+
+    view: str = ""
+    evaluator: str = ""
+    metrics: tuple[str, ...] = ()
+    monitor: str = ""
+
+    def check(self, recipe: Recipe) -> None:
+        """Raise ValueError when the recipe's settings cannot work for this task."""
+        if recipe.train.batch_samples is not None:
+            raise ValueError("train.batch_samples applies to task next_item only; use train.batch_size")
+
+    def columns(self, data: RexDataModule, split: str) -> dict[str, Column]:
+        """The split's columns, read from the view's table (``valid`` and ``test`` alike)."""
+        names = [n for n, spec in data.view.fields.items() if spec.kind != "sequence" or n == "history"]
+        return data.read(split, names)
+
+    def transform(self, split: str) -> Transform | None:
+        """What turns a loader batch into model inputs; None leaves it as read."""
+        return None
+
+    def sample_weights(self, columns: dict[str, Column]) -> Tensor | None:
+        """Training samples per row, for ``train.batch_samples``; None when rows are samples."""
+        return None
+
+
+@register("task/ctr")
+class ClickTask(Task):
+    """Click-through-rate prediction: one labelled (user, item, features) row per sample."""
+
+    view = "ctr"
+    evaluator = "eval/click"
+    metrics = ("auc", "gauc", "logloss")
+    monitor = "auc"
+
+
+@register("task/next_item")
+class NextItemTask(Task):
+    """Next-item prediction under leave-one-out: training sequences supervise every position;
+    evaluation rows are a ``history`` and its held-out ``target``."""
+
+    view = "sequence"
+    evaluator = "eval/ranking"
+    metrics = RANKING
+    monitor = "ndcg@10"
+
+    def check(self, recipe: Recipe) -> None:
+        if recipe.eval.protocol != "leave_one_out":
+            raise ValueError("task next_item needs eval.protocol: leave_one_out")
+        samples = recipe.train.batch_samples
+        if samples is not None and samples < recipe.data.max_len:
+            raise ValueError(
+                f"train.batch_samples ({samples}) must be at least data.max_len "
+                f"({recipe.data.max_len}): one sequence holds up to max_len samples"
+            )
+
+    def columns(self, data: RexDataModule, split: str) -> dict[str, Column]:
+        if split != "train":
+            return data.read(split, ["user", "history", "target"])
+        raw = read_columns(data.table(split), ["user", "items"])
+        items = raw.pop("items")
+        assert isinstance(items, RaggedColumn)
+        keep = np.flatnonzero(items.lengths() >= 2)  # an input and a next item at least
+        # Compacted before the rows are taken, so the copy that take makes is the small one.
+        items = RaggedColumn(compact_tensor(items.values).numpy(), items.offsets).take(keep)
+        return {
+            "user": compact_tensor(np.asarray(raw.pop("user"))[keep]),
+            # max_len inputs and their next items: batches split this in next_item_pairs
+            "items": column(items, data.recipe.data.max_len + 1),
+        }
+
+    def transform(self, split: str) -> Transform | None:
+        return next_item_pairs if split == "train" else None
+
+    def sample_weights(self, columns: dict[str, Column]) -> Tensor | None:
+        items = columns["items"]
+        assert isinstance(items, Ragged)
+        return items.lengths() - 1  # inputs with a next item
+
+
+def next_item_pairs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Sequences (B, W + 1) → ``items`` (B, W) inputs and ``targets`` (B, W), the next item at
+    each position (0 where the input is padding), so the loss covers every position."""
+    sequences = batch["items"]
+    inputs = sequences[:, :-1]
+    targets = torch.where(inputs > 0, sequences[:, 1:], 0)
+    return {**batch, "items": inputs, "targets": targets}
+
+
+@register("task/items")
+class ItemsTask(Task):
+    """Item-level training, such as a semantic-ID tokenizer: every split is the ``item`` ids
+    1 .. num_items - 1 (the content is the item's own, so no split can leak a label), shuffled
+    for training. Models read the items' content from context (``item_features``)."""
+
+    view = "items"
+    evaluator = "eval/reconstruction"
+    metrics = ("recon_mse", "codebook_usage", "collision_rate")
+    monitor = "recon_mse"
+
+    def columns(self, data: RexDataModule, split: str) -> dict[str, Column]:
+        return {"item": torch.arange(1, data.schema.num_items, dtype=torch.int32)}
+
+
+def task_named(name: str) -> Task:
+    """The registered task ``task/NAME``; a RecipeError listing the tasks otherwise."""
+    tasks = {entry.key.split("/", 1)[1]: entry for entry in entries("task")}
+    if name not in tasks:
+        close = difflib.get_close_matches(name, list(tasks), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise RecipeError(f"unknown task {name!r} ({hint}tasks: {', '.join(sorted(tasks))})", key="task")
+    task: Task = tasks[name].target()
+    return task
