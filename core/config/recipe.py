@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ValidationError
 
 from rex.config.errors import RecipeError
+from rex.config.registry import load_plugins
 from rex.config.schema import Recipe, StageConfig
 
 OVERRIDE_SOURCE = "command-line override"
@@ -243,6 +244,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedR
 
 def _validate(resolved: dict[str, Any], shown: str, overrides: list[str], prefix: str = "") -> Recipe:
     try:
+        # Plugins first: they may register the task or evaluator that validation looks up.
+        plugins = resolved.get("plugins") or []
+        if isinstance(plugins, list) and all(isinstance(p, str) for p in plugins):
+            load_plugins(plugins)
         return Recipe.model_validate(resolved)
     except ValidationError as exc:
         error = _pydantic_message(exc, shown, overrides)

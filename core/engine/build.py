@@ -10,13 +10,13 @@ import lightning as L
 from torch import nn
 
 from rex.config.errors import RecipeError
-from rex.config.registry import build, build_factory, load_plugins
+from rex.config.registry import build, load_plugins
 from rex.config.schema import Recipe
 from rex.data.datamodule import RexDataModule
 from rex.data.prepare import ensure_dataset
 from rex.data.schema import data_hash
 from rex.engine.module import RexModule, WeightedLoss
-from rex.engine.optim import default_optimizer, freeze
+from rex.engine.optim import check_optimizer, check_scheduler, default_optimizer, freeze
 from rex.eval.evaluators import Evaluator
 
 # Keys of a loss node that belong to the core, not to the loss component.
@@ -57,9 +57,10 @@ def build_run(
         optimizer = recipe.optimizer or default_optimizer(
             recipe.train.optimizer, recipe.train.lr, recipe.train.weight_decay
         )
-        build_factory(optimizer, "optimizer")  # checked now; built by Lightning with the parameters
+        # Checked now; Lightning builds them with the parameters once training starts.
+        check_optimizer(optimizer)
         if recipe.scheduler is not None:
-            build_factory(recipe.scheduler, "scheduler")
+            check_scheduler(recipe.scheduler)
         module = RexModule(model, losses, evaluator, optimizer, recipe.scheduler, str(recipe.eval.monitor))
         frozen = freeze(module, recipe.freeze)
     except RecipeError as exc:

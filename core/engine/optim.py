@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
 from rex.config.errors import RecipeError
-from rex.config.registry import build, build_factory, register
+from rex.config.registry import ComponentFactory, build, build_factory, register
 
 OPTIMIZERS = {
     "adam": torch.optim.Adam,
@@ -93,18 +94,14 @@ def freeze(module: nn.Module, globs: list[str], key: str = "freeze") -> list[str
     return sorted(frozen)
 
 
-def build_optimizer(node: Mapping[str, Any], module: nn.Module, key: str = "optimizer") -> Optimizer:
-    """The optimizer of ``node`` over ``module``'s trainable parameters, in parameter groups."""
+def check_optimizer(node: Mapping[str, Any], key: str = "optimizer") -> tuple[ComponentFactory, list[Group]]:
+    """The optimizer node validated (component, arguments, parameter groups), ready to build."""
     node = dict(node)
     groups = node.pop("groups", None) or []
     if not isinstance(groups, list):
         raise RecipeError("groups must be a list of {params: GLOB, lr: ..., ...}", key=f"{key}.groups")
-    trainable = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
-    if not trainable:
-        raise RecipeError("every parameter is frozen: nothing to train (check freeze)", key="freeze")
     factory = build_factory(node, key)
-    taken: set[str] = set()
-    param_groups: list[dict[str, Any]] = []
+    checked = []
     for i, group in enumerate(groups):
         where = f"{key}.groups[{i}]"
         if not isinstance(group, dict) or "params" not in group:
@@ -112,18 +109,35 @@ def build_optimizer(node: Mapping[str, Any], module: nn.Module, key: str = "opti
         settings = {k: v for k, v in group.items() if k != "params"}
         for name, value in settings.items():
             factory.check_argument(name, value, f"{where}.{name}")
-        names = _matching(
-            [n for n, _ in trainable], _globs(group["params"], f"{where}.params"), f"{where}.params"
-        )
-        names -= taken
+        checked.append(Group(_globs(group["params"], f"{where}.params"), settings, f"{where}.params"))
+    return factory, checked
+
+
+@dataclass(frozen=True)
+class Group:
+    globs: list[str]
+    settings: dict[str, Any]
+    key: str
+
+
+def build_optimizer(node: Mapping[str, Any], module: nn.Module, key: str = "optimizer") -> Optimizer:
+    """The optimizer of ``node`` over ``module``'s trainable parameters, in parameter groups."""
+    factory, groups = check_optimizer(node, key)
+    trainable = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise RecipeError("every parameter is frozen: nothing to train (check freeze)", key="freeze")
+    taken: set[str] = set()
+    param_groups: list[dict[str, Any]] = []
+    for group in groups:
+        names = _matching([n for n, _ in trainable], group.globs, group.key) - taken
         taken |= names
-        param_groups.append({"params": [p for n, p in trainable if n in names], **settings})
+        param_groups.append({"params": [p for n, p in trainable if n in names], **group.settings})
     rest = [p for n, p in trainable if n not in taken]
     if rest:
         param_groups.insert(0, {"params": rest})
     # One group of every trainable parameter in order: exactly what `optimizer(module.parameters())`
     # built before groups existed, so existing recipes train bit for bit as they did.
-    params: Any = param_groups[0]["params"] if len(param_groups) == 1 and not groups else param_groups
+    params: Any = param_groups[0]["params"] if not groups else param_groups
     return factory(params=params)
 
 
@@ -132,14 +146,21 @@ def default_optimizer(name: str, lr: float, weight_decay: float) -> dict[str, An
     return {"_component_": f"optim/{name}", "lr": lr, "weight_decay": weight_decay}
 
 
-def build_scheduler(
-    node: Mapping[str, Any], optimizer: Optimizer, total_steps: int, key: str = "scheduler"
-) -> dict[str, Any]:
-    """Lightning's lr-scheduler config for ``node``: the scheduler and how often it steps."""
+def check_scheduler(node: Mapping[str, Any], key: str = "scheduler") -> tuple[dict[str, Any], str]:
+    """The scheduler node without rex's ``interval`` key, validated, and that interval."""
     node = dict(node)
     interval = node.pop("interval", "step")
     if interval not in ("step", "epoch"):
         raise RecipeError(f"interval must be step or epoch, got {interval!r}", key=f"{key}.interval")
+    build_factory(node, key)
+    return node, interval
+
+
+def build_scheduler(
+    node: Mapping[str, Any], optimizer: Optimizer, total_steps: int, key: str = "scheduler"
+) -> dict[str, Any]:
+    """Lightning's lr-scheduler config for ``node``: the scheduler and how often it steps."""
+    node, interval = check_scheduler(node, key)
     scheduler = build(node, key, {"optimizer": optimizer, "total_steps": total_steps})
     if not isinstance(scheduler, LRScheduler):
         raise RecipeError(f"{node.get('_component_')} is not a learning-rate scheduler", key=key)
