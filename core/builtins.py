@@ -8,6 +8,7 @@ import rex.data.tasks  # noqa: F401  (task/...)
 import rex.engine.optim  # noqa: F401  (optim/..., sched/...)
 import rex.eval.evaluators  # noqa: F401  (eval/ranking, eval/click)
 import rex.eval.metrics  # noqa: F401
+import rex.eval.reconstruction  # noqa: F401
 from rex.components.attention import cross, target  # noqa: F401
 from rex.components.clustering import kmeans  # noqa: F401
 from rex.components.denoisers import conditional, schedule, synergy  # noqa: F401
@@ -21,6 +22,8 @@ from rex.components.losses import (  # noqa: F401
     contrastive,
     decouple,
     diffusion,
+    generative,
     reconstruction,
 )
-from rex.components.models import ctr, diff_msin, dmae, dmgin, m3bsr, sequential  # noqa: F401
+from rex.components.models import ctr, diff_msin, dmae, dmgin, m3bsr, rqvae, sequential  # noqa: F401
+from rex.components.quantizers import residual  # noqa: F401

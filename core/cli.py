@@ -44,12 +44,16 @@ def train(
         Path | None,
         typer.Option(help="take over the finished stages of this earlier run whose settings are unchanged"),
     ] = None,
+    summary: Annotated[
+        Path | None,
+        typer.Option(help="also write the test metrics (mean ± std over seeds) to this JSON file"),
+    ] = None,
 ) -> None:
     """Train a recipe, select on validation, test the best checkpoint."""
     from rex.engine import train as training
 
     if resume is not None:
-        if recipe is not None or overrides or reuse_stages is not None:
+        if recipe is not None or overrides or reuse_stages is not None or summary is not None:
             raise RexError(
                 "--resume takes only the run folder: the run's own recipe is reused", file="command line"
             )
@@ -57,7 +61,7 @@ def train(
         return
     if recipe is None:
         raise RexError("missing RECIPE: rex train recipes/<name>.yaml [key=value ...]", file="command line")
-    training.train(recipe, overrides or [], seeds, reuse_stages)
+    training.train(recipe, overrides or [], seeds, reuse_stages, summary)
 
 
 @app.command("eval")

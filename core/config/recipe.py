@@ -263,6 +263,14 @@ def _load_stage(base: dict[str, Any], stage: StageConfig, shown: str, overrides:
     sections = stage.model_dump(
         mode="json", exclude_unset=True, exclude={"name", "description", "init_from", "export"}
     )
+    if stage.task is not None and stage.task != base.get("task"):
+        # The recipe's view, metrics, monitor and evaluator were chosen for its own task: a stage
+        # of another task starts from that task's defaults unless it sets them itself.
+        base = {
+            **base,
+            "data": {k: v for k, v in base["data"].items() if k != "view"},
+            "eval": {k: v for k, v in base["eval"].items() if k not in ("metrics", "monitor", "evaluator")},
+        }
     merged = merge_sections(base, sections)
     recipe = _validate(merged, shown, overrides, prefix=f"stages.{stage.name}")
     return LoadedStage(config=stage, recipe=recipe, resolved=recipe.model_dump(mode="json"))

@@ -201,7 +201,9 @@ def export_value(built: Built, name: str, method: str) -> Tensor:
     for part in method.split("."):
         value = getattr(value, part, None)
         if value is None:
-            raise RecipeError(f"the model has no method or attribute {method!r} to export", key=f"export.{name}")
+            raise RecipeError(
+                f"the model has no method or attribute {method!r} to export", key=f"export.{name}"
+            )
     built.module.eval()
     with torch.no_grad():
         value = value() if callable(value) else value

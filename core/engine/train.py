@@ -245,10 +245,16 @@ def _float(value: Any) -> float | None:
 
 
 def train(
-    recipe_path: str | Path, overrides: list[str], seeds: int | None = None, reuse_stages: Path | None = None
+    recipe_path: str | Path,
+    overrides: list[str],
+    seeds: int | None = None,
+    reuse_stages: Path | None = None,
+    summary_to: Path | None = None,
 ) -> Path:
     """``rex train``: one run folder per seed; several seeds share a parent with a summary.
-    ``reuse_stages`` names an earlier run whose finished stages (same settings) are taken over."""
+    ``reuse_stages`` names an earlier run whose finished stages (same settings) are taken over;
+    ``summary_to`` also writes the test metrics (mean ± std over seeds) to that file, for
+    pipelines such as ``dvc repro`` that need a fixed output path."""
     loaded = load_recipe(recipe_path, overrides)
     if reuse_stages is not None:
         if not loaded.stages:
@@ -273,6 +279,8 @@ def train(
         _remove_if_empty(root)
         raise
     print_summary(recipe, results, root)
+    if summary_to is not None:
+        atomic_write_json(summary_to, {"recipe": recipe.name, "run": str(root), **summarize(results)})
     return root
 
 

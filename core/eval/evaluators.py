@@ -7,7 +7,7 @@ in ``eval.evaluator``, or its task's default is used; the core passes the recipe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,11 +36,16 @@ class Evaluator:
         raise NotImplementedError
 
 
-def check_metrics(metrics: list[str], allowed: set[str], evaluator: str) -> list[str]:
-    """``metrics`` unchanged when each names a metric in ``allowed``; a clear ValueError otherwise."""
+def check_metrics(metrics: list[str], allowed: Sequence[str], evaluator: str) -> list[str]:
+    """``metrics`` unchanged when each names a metric in ``allowed``; a ValueError naming what the
+    evaluator computes otherwise (for a name the metric table does not know, too)."""
     for name in metrics:
-        if M.parse_metric_name(name)[0] not in allowed:
-            raise ValueError(f"{evaluator} cannot compute {name!r}; it computes {', '.join(sorted(allowed))}")
+        try:
+            known = M.parse_metric_name(name)[0] in allowed
+        except ValueError:
+            known = False
+        if not known:
+            raise ValueError(f"{evaluator} cannot compute {name!r}; it computes {', '.join(allowed)}")
     return metrics
 
 
@@ -59,7 +64,7 @@ class RankingEvaluator(Evaluator):
     reads = ("scores",)
 
     def __init__(self, metrics: list[str], exclude_history: bool, chunk_rows: int = 256) -> None:
-        self.metric_names = check_metrics(metrics, set(M.RANKING_METRICS), "eval/ranking")
+        self.metric_names = check_metrics(metrics, list(M.RANKING_METRICS), "eval/ranking")
         self.exclude_history = exclude_history
         self.chunk_rows = chunk_rows
         self.reset()
@@ -117,7 +122,7 @@ class ClickEvaluator(Evaluator):
     }
 
     def __init__(self, metrics: list[str]) -> None:
-        self.metric_names = check_metrics(metrics, set(self.CALLS), "eval/click")
+        self.metric_names = check_metrics(metrics, list(self.CALLS), "eval/click")
         self.reset()
 
     def reset(self) -> None:
