@@ -7,6 +7,7 @@ missing from the registry because of import order.
 import rex.data.tasks  # noqa: F401  (task/...)
 import rex.engine.optim  # noqa: F401  (optim/..., sched/...)
 import rex.eval.evaluators  # noqa: F401  (eval/ranking, eval/click)
+import rex.eval.generative  # noqa: F401
 import rex.eval.metrics  # noqa: F401
 import rex.eval.reconstruction  # noqa: F401
 from rex.components.attention import cross, target  # noqa: F401
@@ -25,5 +26,5 @@ from rex.components.losses import (  # noqa: F401
     generative,
     reconstruction,
 )
-from rex.components.models import ctr, diff_msin, dmae, dmgin, m3bsr, rqvae, sequential  # noqa: F401
+from rex.components.models import ctr, diff_msin, dmae, dmgin, m3bsr, rqvae, sequential, tiger  # noqa: F401
 from rex.components.quantizers import residual  # noqa: F401

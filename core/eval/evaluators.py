@@ -78,7 +78,7 @@ class RankingEvaluator(Evaluator):
         rows = batch["target"].shape[0]
         for start in range(0, rows, self.chunk_rows):
             chunk = {name: value[start : start + self.chunk_rows] for name, value in batch.items()}
-            chunk["history"] = _trim_left_padding(chunk["history"])
+            chunk["history"] = trim_left_padding(chunk["history"])
             scores = model(chunk)["scores"].float()
             scores[:, 0] = -torch.inf
             if self.exclude_history:
@@ -100,7 +100,7 @@ def ranking_metrics(ranks: Tensor, names: list[str], num_items: int | None) -> d
     return out
 
 
-def _trim_left_padding(history: Tensor) -> Tensor:
+def trim_left_padding(history: Tensor) -> Tensor:
     """Drops the columns that are padding in every row: a chunk of short histories cut from a
     batch padded for a longer one is encoded at its own width."""
     used = (history != 0).any(dim=0).nonzero()
