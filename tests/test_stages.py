@@ -176,3 +176,17 @@ def test_staged_recipe_validates_shows_and_reports_stage_errors(staged, data_hom
         and "matches no parameter" in out.stdout
         and "Traceback" not in out.stdout + out.stderr
     )
+
+
+def test_a_sweep_can_search_a_stage_key(staged, data_home, tmp_path):
+    from rex.sweep.study import prepare
+
+    spec = tmp_path / "sweep.yaml"
+    params = "params:\n  stages.finetune.train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n"
+    spec.write_text(f"recipe: {staged}\n{params}objective: {{metric: ndcg@10, direction: maximize}}\ntrials: 2\n")
+    prep = prepare(spec, [], None, None, 1)  # checks every key against the resolved stage
+    assert list(prep.spec.params) == ["stages.finetune.train.lr"]
+    spec.write_text(spec.read_text().replace("train.lr:", "train.lrr:"))
+    with pytest.raises(RecipeError) as info:
+        prepare(spec, [], None, None, 1)
+    assert "did you mean lr" in str(info.value)

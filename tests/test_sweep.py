@@ -166,7 +166,7 @@ def test_a_trial_that_never_beat_is_failed_once_silent(tmp_path):
     time.sleep(1.2)
     optuna.storages.fail_stale_trials(study)
     assert study.trials[orphan.number].state == TrialState.RUNNING  # optuna alone leaves it
-    fail_silent_trials(study, spec)  # first beat now
+    fail_silent_trials(study, storage, spec)  # first beat now
     time.sleep(2.2)
-    fail_silent_trials(study, spec)
+    fail_silent_trials(study, storage, spec)
     assert study.trials[orphan.number].state == TrialState.FAIL

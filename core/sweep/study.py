@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.table import Table
@@ -82,6 +83,17 @@ def _get(tree: Any, key: str) -> tuple[bool, Any]:
             return False, None
         node = node[part]
     return True, node
+
+
+def _stage_tree(loaded: LoadedRecipe, key: str) -> tuple[dict[str, Any], str]:
+    """The resolved tree a search key lives in and its path there: the recipe's own, or for
+    ``stages.NAME.rest`` the named stage's whole resolved recipe and ``rest``."""
+    parts = key.split(".")
+    if parts[0] == "stages" and len(parts) > 2:
+        for stage in loaded.stages:
+            if stage.name == parts[1]:
+                return stage.resolved, ".".join(parts[2:])
+    return loaded.resolved, key
 
 
 def default_storage(spec_path: Path, name: str) -> str:
@@ -171,8 +183,11 @@ def check_space(
             raise RecipeError(f"no such recipe section {top!r}{hint}", file=spec_file, key=where)
         enable = _enabling_overrides(spec, keys[:index], param.when, base, spec_file, where)
         enabled = _load(recipe_path, fixed + enable, spec_file, where, None)
-        parent_key, _, leaf = key.rpartition(".")
-        found, parent = _get(enabled.resolved, parent_key) if parent_key else (True, enabled.resolved)
+        # stages.NAME.rest names a key of that stage's whole resolved recipe
+        tree, tree_key = _stage_tree(enabled, key)
+        top = tree_key.split(".", 1)[0] if tree is not enabled.resolved else top
+        parent_key, _, leaf = tree_key.rpartition(".")
+        found, parent = _get(tree, parent_key) if parent_key else (True, tree)
         if not found or not isinstance(parent, dict):
             hint = "" if param.when else f"; add `when: {parent_key}` if it is set by another parameter"
             raise RecipeError(
@@ -185,10 +200,11 @@ def check_space(
             raise RecipeError(f"{parent_key} has no key {leaf!r}", file=spec_file, key=where)
         for value in param.probes():
             probe = _load(recipe_path, [*fixed, *enable, override(key, value)], spec_file, where, value)
-            if top in COMPONENT_SECTIONS:
+            # A later stage's components need what earlier stages export: its probe loads only.
+            if top in COMPONENT_SECTIONS and tree is enabled.resolved:
                 try:
                     build(probe.recipe.model, "model", context)
-                    for i, node in enumerate(probe.recipe.losses):
+                    for i, node in enumerate(probe.recipe.losses or []):
                         build({k: v for k, v in node.items() if k != "weight"}, f"losses[{i}]", context)
                 except RecipeError as exc:
                     raise _probe_error(exc, spec_file, where, value) from exc
@@ -241,13 +257,27 @@ def sample(trial: optuna.Trial, spec: SweepSpec, base: dict[str, Any]) -> dict[s
         lookup = {k: values[k] if k in values else _get(base, k)[1] for k in condition_keys(param.when or {})}
         if not condition_holds(param.when, lookup):
             continue
-        raw = trial._suggest(key, param.distribution())
+        raw = suggest(trial, key, param.distribution())
         if isinstance(param, CategoricalParam):
             raw = param.value_of(raw)
         elif isinstance(raw, float) and getattr(param, "step", None):
             raw = round(raw, 10)  # 0.30000000000000004 from a 0.1 step reads back as 0.3
         values[key] = raw
     return values
+
+
+def suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> Any:
+    """``trial.suggest_*`` for a parameter's distribution, through Optuna's public API."""
+    if isinstance(distribution, FloatDistribution):
+        return trial.suggest_float(
+            name, distribution.low, distribution.high, step=distribution.step, log=distribution.log
+        )
+    if isinstance(distribution, IntDistribution):
+        return trial.suggest_int(
+            name, distribution.low, distribution.high, step=distribution.step, log=distribution.log
+        )
+    assert isinstance(distribution, CategoricalDistribution)
+    return trial.suggest_categorical(name, distribution.choices)
 
 
 class _Gate:
@@ -415,9 +445,12 @@ def prepare(
             first = load_recipe(recipe_path, [*fixed, *extra])
         except RecipeError as exc:
             raise RecipeError(f"{exc.key or 'recipe'}: {exc.detail}", file=spec_file, key=key) from exc
-    check_objective(spec, list(first.recipe.eval.metrics or []), spec_file)
+    # A staged recipe is selected on its last stage, which the pruner watches.
+    selected = first.stages[-1].recipe if first.stages else first.recipe
+    check_objective(spec, list(selected.eval.metrics or []), spec_file)
     # Checkpoint selection, early stopping and the objective all follow the objective's metric.
-    fixed += [f"eval.monitor={spec.objective.metric}", "logging.progress_bar=false"]
+    monitor = f"stages.{first.stages[-1].name}.eval.monitor" if first.stages else "eval.monitor"
+    fixed += [f"{monitor}={spec.objective.metric}", "logging.progress_bar=false"]
     wandb = first.recipe.logging.wandb
     if wandb is not None and wandb.group is None:
         fixed.append(f"logging.wandb.group={name}")  # one W&B group per study
@@ -448,7 +481,7 @@ def prepare(
     return Prepared(spec, job, base)
 
 
-def _open_study(prep: Prepared, resume: bool) -> optuna.Study:
+def _open_study(prep: Prepared, resume: bool) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
     spec, job = prep.spec, prep.job
     storage = make_storage(job.storage, spec)
     exists = any(s.study_name == job.name for s in optuna.get_all_study_summaries(storage))
@@ -465,12 +498,13 @@ def _open_study(prep: Prepared, resume: bool) -> optuna.Study:
             f"--resume: no study {job.name!r} in {shown_storage(job.storage)}; start it without --resume",
             file=job.spec_path,
         )
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=job.name,
         storage=storage,
         direction=spec.objective.direction,
         load_if_exists=True,
     )
+    return study, storage
 
 
 @contextlib.contextmanager
@@ -498,7 +532,7 @@ def _workers(job: Job, count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
                 proc.wait()
 
 
-def fail_silent_trials(study: optuna.Study, spec: SweepSpec) -> None:
+def fail_silent_trials(study: optuna.Study, storage: optuna.storages.RDBStorage, spec: SweepSpec) -> None:
     """``fail_stale_trials``, including trials that never recorded a heartbeat.
 
     Optuna skips a RUNNING trial with no heartbeat at all: one whose worker was killed between
@@ -507,24 +541,21 @@ def fail_silent_trials(study: optuna.Study, spec: SweepSpec) -> None:
     trial the extra beat changes nothing.
     """
     optuna.storages.fail_stale_trials(study)
-    storage = study._storage
-    record = getattr(storage, "record_heartbeat", None)
-    if record is None:
-        return
     cutoff = datetime.now() - timedelta(seconds=spec.grace_period)
+    study_id = storage.get_study_id_from_name(study.study_name)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial.datetime_start is not None and trial.datetime_start < cutoff:
-            record(trial._trial_id)
+            storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number))
 
 
-def _settle_stale(study: optuna.Study, spec: SweepSpec) -> None:
+def _settle_stale(study: optuna.Study, storage: optuna.storages.RDBStorage, spec: SweepSpec) -> None:
     """Wait until trials left RUNNING by a killed worker fall silent past the grace period and
     mark them failed, so every trial ends COMPLETE, PRUNED or FAIL. Live workers elsewhere keep
     their trials: we give up waiting after one grace period."""
     # Two grace periods: a trial that never beat gets its first beat here, then goes stale.
     deadline = time.monotonic() + 2 * spec.grace_period + 2 * spec.heartbeat_interval
     while True:
-        fail_silent_trials(study, spec)
+        fail_silent_trials(study, storage, spec)
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not running or time.monotonic() > deadline:
             return
@@ -546,7 +577,7 @@ def sweep(
     started = time.time()
     prep = prepare(spec_path, cli_overrides, trials, timeout, workers)
     spec, job = prep.spec, prep.job
-    study = _open_study(prep, resume)
+    study, storage = _open_study(prep, resume)
     Path(job.sweep_dir).mkdir(parents=True, exist_ok=True)
     console.print(
         f"study {job.name}: {spec.trials} trials, {workers} worker(s), storage {shown_storage(job.storage)}",
@@ -554,7 +585,7 @@ def sweep(
         highlight=False,
     )
     if resume:
-        fail_silent_trials(study, spec)
+        fail_silent_trials(study, storage, spec)
     # `kill PID` of the driver: exit through the finally blocks, which stop the workers.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if workers == 1:
@@ -567,7 +598,7 @@ def sweep(
                 console.print(
                     f"[yellow]worker {i} exited with code {code}; its trial is marked failed[/yellow]"
                 )
-    _settle_stale(study, spec)
+    _settle_stale(study, storage, spec)
     summary = summarize_study(study, job)
     summary["wall_time_s"] = round(time.time() - started, 1)
     best = study.best_trial if summary["counts"].get("COMPLETE") else None
