@@ -162,7 +162,9 @@ def sweep(
     from rex.sweep import study as sweeping
 
     if export_best:
-        target = sweeping.export_best(spec, export_to, params_yaml)
+        from rex.sweep.export import export_best as write_best
+
+        target = write_best(spec, export_to, params_yaml)
         out.print(f"best trial written to {target}", markup=False, highlight=False, soft_wrap=True)
         return
     sweeping.sweep(
@@ -210,7 +212,7 @@ def report(
 @app.command("sweep-worker", hidden=True)
 def sweep_worker(job: Path, worker: int) -> None:
     """One worker process of `rex sweep --workers N` (started by it, not by hand)."""
-    from rex.sweep.study import work_from_file
+    from rex.sweep.worker import work_from_file
 
     work_from_file(job, worker)
 

@@ -16,7 +16,7 @@ import yaml
 from optuna.trial import TrialState
 
 from rex.config.recipe import load_recipe
-from rex.sweep.study import export_best
+from rex.sweep.export import export_best
 from tests.conftest import REPO, run_rex
 
 TRIALS = 6
@@ -155,7 +155,7 @@ def test_a_trial_that_never_beat_is_failed_once_silent(tmp_path):
     that optuna's own fail_stale_trials never fails; the sweep settles it all the same."""
     from types import SimpleNamespace
 
-    from rex.sweep.study import fail_silent_trials
+    from rex.sweep.storage import fail_silent_trials
 
     storage = optuna.storages.RDBStorage(
         f"sqlite:///{tmp_path / 'beat.db'}", heartbeat_interval=1, grace_period=1

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from rex.config.errors import RecipeError
-from rex.sweep.study import check_space, make_sampler, prepare, sample
+from rex.sweep.space import check_space, make_sampler, sample
+from rex.sweep.study import prepare
 from tests.conftest import REPO, run_rex
 
 GOOD = {

@@ -292,7 +292,7 @@ def plot_study(sweep: SweepInfo, folder: Path) -> list[Path]:
     import optuna.visualization.matplotlib as ovm
 
     from rex.sweep.spec import load_spec
-    from rex.sweep.study import default_storage, make_storage
+    from rex.sweep.storage import default_storage, make_storage
 
     spec_path = Path(sweep.summary["spec"])
     spec = load_spec(spec_path)
