@@ -17,7 +17,7 @@ from rex.config.recipe import load_recipe
 from rex.engine.build import build_run
 from rex.engine.runs import load_checkpoint
 from rex.engine.stages import copy_modules
-from rex.engine.train import train
+from rex.engine.train import evaluate, train
 from rex.engine.validate import validate_recipe
 from tests.conftest import REPO, run_rex
 
@@ -77,6 +77,10 @@ def test_stages_run_in_order_with_init_from_freeze_and_exports(staged, data_home
 
     exported = run_dir / "pretrain" / "exports" / "item_vectors.lance"
     assert exported.is_dir()
+    # rex eval on the run evaluates its last stage, with the exports of the stages before it
+    assert evaluate(run_dir) == pytest.approx(final["test"], abs=1e-6)
+    pretrain_test = json.loads((run_dir / "pretrain" / "metrics.json").read_text())["test"]
+    assert evaluate(run_dir / "pretrain") == pytest.approx(pretrain_test, abs=1e-6)
     resolved = load_recipe(run_dir / "finetune" / "recipe.yaml").recipe
     assert resolved.optimizer == {"_component_": "optim/adamw", "lr": 5.0e-4, "weight_decay": 0.01}
 

@@ -352,7 +352,19 @@ def evaluate(target: Path) -> dict[str, float]:
         raise RexError(f"no {RECIPE_FILE} beside the checkpoint; pass a run folder", file=str(target))
     quiet_lightning()
     loaded = load_recipe(run_dir / RECIPE_FILE)
-    built = build_run(loaded.recipe, loaded.recipe.seeds[0], str(run_dir / RECIPE_FILE))
+    recipe, context = loaded.recipe, None
+    staged_run = run_dir if loaded.stages else run_dir.parent
+    if (staged_run / "stages.json").is_file():
+        # A staged run is evaluated at its last stage (or at the stage folder given), with what
+        # the stages before it exported.
+        from rex.engine.stages import stage_contexts
+
+        whole = load_recipe(staged_run / RECIPE_FILE)
+        stage = whole.stages[-1] if loaded.stages else next(s for s in whole.stages if s.name == run_dir.name)
+        if loaded.stages and not target.is_file():
+            ckpt = run_dir / stage.name / CHECKPOINTS / "best.ckpt"
+        recipe, context = stage.recipe, stage_contexts(whole, staged_run)[stage.name]
+    built = build_run(recipe, recipe.seeds[0], str(run_dir / RECIPE_FILE), context)
     state = load_checkpoint(ckpt)
     try:
         built.module.load_state_dict(state["state_dict"])
@@ -361,13 +373,13 @@ def evaluate(target: Path) -> dict[str, float]:
             f"checkpoint does not match the run's recipe: {str(exc).splitlines()[0]}", file=str(ckpt)
         ) from exc
     trainer = L.Trainer(
-        accelerator=loaded.recipe.train.accelerator,
+        accelerator=recipe.train.accelerator,
         devices=1,
         logger=False,
         enable_model_summary=False,
         enable_progress_bar=False,
         enable_checkpointing=False,
-        limit_test_batches=loaded.recipe.train.limit_eval_batches,
+        limit_test_batches=recipe.train.limit_eval_batches,
     )
     result = trainer.test(built.module, datamodule=built.datamodule, verbose=False)[0]
     return {k.removeprefix("test/"): float(v) for k, v in result.items()}
