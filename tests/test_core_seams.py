@@ -120,6 +120,22 @@ def test_warmup_cosine_follows_its_hand_computed_schedule():
     assert seen == pytest.approx(warmup + decay)
 
 
+def test_a_run_shorter_than_its_warmup_warms_up_throughout_and_says_so():
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    node = {"_component_": "sched/warmup_cosine", "warmup_steps": 4}
+    with pytest.warns(UserWarning, match="3 optimizer steps, not more than warmup_steps=4"):
+        config = build_scheduler(node, optimizer, total_steps=3)
+    seen = []
+    for _ in range(3):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        config["scheduler"].step()
+    assert seen == pytest.approx([1 / 5, 2 / 5, 3 / 5])  # the configured slope, cut short
+    with pytest.raises(RecipeError, match="warmup_steps must be >= 0"):
+        build_scheduler({**node, "warmup_steps": -1}, optimizer, total_steps=3)
+
+
 def test_a_loss_reading_an_absent_output_fails_at_build(data_home):
     with pytest.raises(RecipeError) as info:
         built(overrides=["losses=[{_component_: loss/bce}]"])

@@ -315,10 +315,12 @@ def test_params_yaml_holds_the_defaults(monkeypatch: pytest.MonkeyPatch, tmp_pat
 def test_dvc_stages_name_existing_files() -> None:
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     produced = {
-        next(iter(out)) if isinstance(out, dict) else out for s in stages.values() for out in s["outs"]
+        next(iter(out)) if isinstance(out, dict) else out
+        for s in stages.values()
+        for out in s.get("outs", [])
     }
     for name in DATASETS:
-        stage = next(s for s in stages.values() if s["outs"] == [f"data/{name}"])
+        stage = next(s for s in stages.values() if s.get("outs") == [f"data/{name}"])
         assert stage["cmd"] == f"rex data prepare {name} --force"
         assert stage["params"] == [name]
         for dep in stage["deps"]:

@@ -187,7 +187,9 @@ def test_a_sweep_can_search_a_stage_key(staged, data_home, tmp_path):
 
     spec = tmp_path / "sweep.yaml"
     params = "params:\n  stages.finetune.train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n"
-    spec.write_text(f"recipe: {staged}\n{params}objective: {{metric: ndcg@10, direction: maximize}}\ntrials: 2\n")
+    spec.write_text(
+        f"recipe: {staged}\n{params}objective: {{metric: ndcg@10, direction: maximize}}\ntrials: 2\n"
+    )
     prep = prepare(spec, [], None, None, 1)  # checks every key against the resolved stage
     assert list(prep.spec.params) == ["stages.finetune.train.lr"]
     spec.write_text(spec.read_text().replace("train.lr:", "train.lrr:"))

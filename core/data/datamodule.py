@@ -177,10 +177,18 @@ class RexDataModule(L.LightningDataModule):
     def item_features(self) -> dict[str, Tensor]:
         """Each ``modality:NAME`` vector of the ``items`` view as a float32 (num_items, d) tensor
         indexed by item id, keyed by NAME; row 0 (padding) is zeros. Empty without an ``items``
-        view. Read once and kept: several components of one model share the same tensors."""
+        view. Read once and kept: several components of one model share the same tensors.
+
+        An earlier stage's export of one float row per item joins them under the export's name,
+        so a later stage reads learnt item vectors (a SASRec stage's item embeddings, say) the
+        way it reads the dataset's own content."""
         if self._item_features is None:
             vectors = item_vectors(self.dataset_dir, self.schema)
-            self._item_features = {name: torch.from_numpy(array) for name, array in vectors.items()}
+            features = {name: torch.from_numpy(array) for name, array in vectors.items()}
+            for name, value in self.extra_context.items():
+                if _item_vectors(value, self.schema.num_items):
+                    features[name] = value.float()
+            self._item_features = features
         return self._item_features
 
     # ------------------------------------------------------------------ loading
@@ -277,3 +285,12 @@ class RexDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             self.loader("train").skip_batches(int(state["epoch"]), int(state["batches"]))
+
+
+def _item_vectors(value: Any, num_items: int) -> bool:
+    return (
+        isinstance(value, Tensor)
+        and value.is_floating_point()
+        and value.dim() == 2
+        and len(value) == num_items
+    )

@@ -16,6 +16,7 @@ ask for ``total_steps``, the run's number of optimizer steps.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,9 +55,19 @@ def warmup_cosine(
     optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0
 ) -> LRScheduler:
     """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr`` at ``total_steps``:
-    torch's LinearLR then CosineAnnealingLR, chained by SequentialLR."""
-    if warmup_steps < 0 or warmup_steps >= total_steps:
-        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps}")
+    torch's LinearLR then CosineAnnealingLR, chained by SequentialLR.
+
+    A run no longer than its warm-up (a smoke run with a few batches, say) warms up over its whole
+    length and never decays; it says so rather than failing."""
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if warmup_steps >= total_steps:
+        warnings.warn(
+            f"sched/warmup_cosine: the run has {total_steps} optimizer steps, not more than "
+            f"warmup_steps={warmup_steps}; it warms up over all of them and never decays",
+            stacklevel=2,
+        )
+        return LinearLR(optimizer, start_factor=1.0 / (warmup_steps + 1), total_iters=warmup_steps)
     decay = CosineAnnealingLR(optimizer, T_max=total_steps - warmup_steps, eta_min=min_lr)
     if warmup_steps == 0:
         return decay
