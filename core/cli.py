@@ -22,10 +22,12 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # click's plain output: a usage error in three lines rather than a boxed panel
+    rich_markup_mode=None,
 )
 data_app = typer.Typer(help="Prepare and inspect datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-out = Console()
+out = Console(emoji=False)  # user text (names, ids, errors) is printed as written
 
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="dotlist overrides such as train.max_epochs=5", show_default=False)
@@ -298,12 +300,14 @@ def data_import(
 
 def main() -> None:
     try:
-        app()
+        app(prog_name="rex")  # also under `python -m rex.cli`
     except RexError as exc:
         if os.environ.get("REX_DEBUG") == "1":
             raise
-        # markup off: key paths such as losses[0] are not rich tags
-        Console(stderr=True).print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        # markup and emoji off: key paths such as losses[0] and user text such as :x: print as written
+        Console(stderr=True, emoji=False).print(
+            f"error: {exc}", markup=False, highlight=False, soft_wrap=True
+        )
         sys.exit(2)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")

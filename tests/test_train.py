@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from rex.config.errors import RexError
 from rex.config.recipe import load_recipe, recipe_files
 from rex.engine.train import evaluate, train
 from tests.conftest import REPO, run_rex
@@ -51,6 +52,12 @@ def test_eval_reproduces_the_run_test_metrics(data_home, tmp_path, monkeypatch):
     again = evaluate(run_dir)
     assert again == pytest.approx(written, abs=1e-6)
     assert json.loads((run_dir / "metrics.json").read_text())["test"] == written  # written once
+    # Without best.ckpt, eval refuses rather than testing another checkpoint unasked...
+    (run_dir / "checkpoints" / "best.ckpt").unlink()
+    with pytest.raises(RexError, match=r"best.ckpt: no best.ckpt .* pass .*last.ckpt"):
+        evaluate(run_dir)
+    # ...and tests last.ckpt when it is given.
+    assert set(evaluate(run_dir / "checkpoints" / "last.ckpt")) == set(written)
 
 
 def test_several_seeds_report_mean_and_std(data_home, tmp_path):

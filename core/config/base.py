@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Strict(BaseModel):
-    """Unknown keys are errors (never silently ignored) and defaults are validated too."""
+    """Unknown keys are errors (never silently ignored), defaults are validated too, and a float
+    must be finite (``lr: .inf`` would train to NaN metrics)."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)

@@ -8,6 +8,7 @@ overrides, and turns every failure into a :class:`RecipeError` naming the file a
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,12 @@ def read_yaml_mapping(path: Path, shown: str, what: str, sections: str) -> dict[
     if not path.is_file():
         raise RecipeError(f"{what} not found; check the path", file=shown)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            f"not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); save it as UTF-8",
+            file=shown,
+        ) from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -215,6 +221,24 @@ def _allowed_keys(loc: str) -> list[str]:
     return sorted(model.model_fields)
 
 
+def _refuse_environment_reads(node: Any, key: str, shown: str) -> None:
+    """A recipe must not read environment variables: the resolved recipe is written to the run
+    folder and to W&B, so ``${oc.env:WANDB_API_KEY}`` would put a secret there."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            _refuse_environment_reads(value, f"{key}.{name}" if key else str(name), shown)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _refuse_environment_reads(value, f"{key}[{i}]", shown)
+    elif isinstance(node, str) and re.search(r"\$\{\s*oc\.env\s*:", node):
+        raise RecipeError(
+            "recipes cannot read environment variables (${oc.env:...}): the resolved recipe is "
+            "saved with the run; pass the value as a command-line override instead",
+            file=shown,
+            key=key,
+        )
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedRecipe:
     """Load, merge, override, resolve and validate a recipe."""
     path = Path(path)
@@ -224,6 +248,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedR
     cfg = _apply_overrides(cfg, overrides)
     if "name" not in cfg:
         cfg["name"] = path.stem
+    _refuse_environment_reads(OmegaConf.to_container(cfg, resolve=False), "", shown)
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:

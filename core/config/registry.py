@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -93,18 +94,57 @@ def _ensure_builtins() -> None:
     import rex.builtins  # noqa: F401
 
 
+MODULE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
 def load_plugins(modules: list[str]) -> None:
-    """Import the third-party modules a recipe lists under ``plugins:`` so they can register."""
+    """Import the third-party modules a recipe lists under ``plugins:`` so they can register.
+
+    A plugin must be an absolute module name that registers at least one component: ``os`` or
+    any other module that registers nothing is refused, so ``plugins:`` cannot import arbitrary
+    code for its side effects."""
     import importlib
+    import sys
 
     for i, module in enumerate(modules):
+        key = f"plugins[{i}]"
+        if module in _PLUGINS:
+            continue
+        if not MODULE_NAME.match(module):
+            raise RecipeError(
+                f"{module!r} is not an absolute module name; write one such as my_lab.components", key=key
+            )
+        imported_before, keys_before = module in sys.modules, set(_REGISTRY)
         try:
             importlib.import_module(module)
         except ImportError as exc:
             raise RecipeError(
-                f"cannot import plugin module {module!r}: {exc}. Install it or fix the name.",
-                key=f"plugins[{i}]",
+                f"cannot import plugin module {module!r}: {exc}. Install it or fix the name.", key=key
             ) from exc
+        except Exception as exc:  # the plugin's own code failed: report it as the recipe's problem
+            raise RecipeError(
+                f"plugin module {module!r} failed while importing: {type(exc).__name__}: {exc}", key=key
+            ) from exc
+        # What the import registered; a module imported earlier is judged by where its
+        # components are defined.
+        registers = set(_REGISTRY) != keys_before or (
+            imported_before and any(_defined_in(entry, module) for entry in _REGISTRY.values())
+        )
+        if not registers:
+            raise RecipeError(
+                f"plugin module {module!r} registers no component; list only modules that "
+                "@register components",
+                key=key,
+            )
+        _PLUGINS.add(module)
+
+
+_PLUGINS: set[str] = set()  # modules accepted as plugins in this process
+
+
+def _defined_in(entry: Entry, module: str) -> bool:
+    defined = getattr(entry.target, "__module__", "") or ""
+    return defined == module or defined.startswith(module + ".")
 
 
 # --------------------------------------------------------------------------- type checking
@@ -173,10 +213,19 @@ class ComponentFactory:
         self.context = context
 
     def __call__(self, **supplied: Any) -> Any:
-        # The recipe's own arguments win, then what the parent supplies, then the context.
+        # The recipe's own arguments win over the context; a value the parent supplies must not be
+        # contradicted by the recipe (a child's width other than the one the parent wires it to
+        # would fail at the first forward, far from the key that caused it).
+        for name, value in supplied.items():
+            if name in self.kwargs and not _same(self.kwargs[name], value):
+                raise RecipeError(
+                    f"{self.entry.key} is given {name}={value!r} by its parent, so it cannot be "
+                    f"{self.kwargs[name]!r}; remove this key and set the parent's instead",
+                    key=_join(self.path, name),
+                )
         kwargs = {**_from_context(self.entry, self.context), **supplied, **self.kwargs}
         _check_required(self.entry, kwargs, self.path)
-        return self.entry.target(**kwargs)
+        return _construct(self.entry, kwargs, self.path)
 
     def check_argument(self, name: str, value: Any, path: str) -> None:
         """A RecipeError unless ``name`` is an argument of the component and ``value`` fits its type
@@ -276,6 +325,12 @@ def _build(node: Any, path: str, context: Mapping[str, Any], as_factory: bool) -
             get_origin(a) is Factory for a in get_args(annotation)
         )
         _check_argument(entry, key, None, arg_path, check_type=False)
+        if wants_factory and isinstance(raw, Mapping) and COMPONENT_KEY not in raw:
+            raise RecipeError(
+                f"{entry.key} takes a component here: add {COMPONENT_KEY}: KIND/NAME "
+                "(`rex list` shows the registered ones)",
+                key=arg_path,
+            )
         value = _build(raw, arg_path, context, as_factory=wants_factory and raw is not None)
         _check_argument(entry, key, value, arg_path)
         kwargs[key] = value
@@ -283,7 +338,34 @@ def _build(node: Any, path: str, context: Mapping[str, Any], as_factory: bool) -
         return ComponentFactory(entry, kwargs, path, context)
     kwargs = {**_from_context(entry, context), **kwargs}
     _check_required(entry, kwargs, path)
+    return _construct(entry, kwargs, path)
+
+
+def _construct(entry: Entry, kwargs: dict[str, Any], path: str) -> Any:
+    """``entry.target(**kwargs)``; an argument it rejects, or memory it cannot get, becomes a
+    RecipeError at ``path``. A child built inside (a factory called by its parent) reports its
+    own key, so the error names the deepest key at fault."""
     try:
         return entry.target(**kwargs)
+    except RecipeError:
+        raise
     except (ValueError, TypeError) as exc:
-        raise RecipeError(f"{entry.key} rejected its arguments: {exc}", key=path) from exc
+        # "dim must be positive" is about the argument dim: name its key, not only the node's
+        named = re.match(r"(\w+) (must|should) ", str(exc))
+        key = _join(path, named.group(1)) if named and named.group(1) in kwargs else path
+        raise RecipeError(f"{entry.key} rejected its arguments: {exc}", key=key) from exc
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower():
+            raise
+        asked = re.search(r"allocate (\d+) bytes", str(exc))
+        size = f" ({int(asked.group(1)) / 1e9:,.1f} GB at once)" if asked else ""
+        raise RecipeError(
+            f"{entry.key} needs more memory than this machine has{size}; lower its sizes", key=path
+        ) from exc
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # tensors and other values without a plain truth value: do not judge
+        return True

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from rex.config.base import Strict
+from rex.config.registry import COMPONENT_KEY
 from rex.eval.metrics import lower_is_better, parse_metric_name
 
 if TYPE_CHECKING:
@@ -148,6 +149,21 @@ class Recipe(Strict):
     seed: int | list[int] = 42
     plugins: list[str] = []
     stages: list[StageConfig] | None = Field(None, min_length=1)
+
+    @field_validator("model", "optimizer", "scheduler")
+    @classmethod
+    def _names_its_component(cls, node: dict[str, Any] | None) -> dict[str, Any] | None:
+        if node is not None and COMPONENT_KEY not in node:
+            raise ValueError(f"add {COMPONENT_KEY}: KIND/NAME (`rex list` shows the registered components)")
+        return node
+
+    @field_validator("losses")
+    @classmethod
+    def _each_names_its_component(cls, nodes: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for i, node in enumerate(nodes or []):
+            if COMPONENT_KEY not in node:
+                raise ValueError(f"losses[{i}]: add {COMPONENT_KEY}: loss/NAME (`rex list loss` shows them)")
+        return nodes
 
     @model_validator(mode="after")
     def _fill_task_defaults(self) -> Recipe:

@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 from torch import nn
 
-from rex.config.errors import RecipeError
+from rex.config.errors import RecipeError, RexError
 from rex.config.registry import build, load_plugins
 from rex.config.schema import Recipe
 from rex.data.datamodule import RexDataModule
@@ -41,7 +41,12 @@ def build_run(
     like ``num_items``. Errors name the recipe file and key path.
     """
     L.seed_everything(seed, workers=True, verbose=False)
-    dataset_dir = ensure_dataset(recipe.data.name)
+    try:
+        dataset_dir = ensure_dataset(recipe.data.name)
+    except RexError as exc:  # an unknown name, say: it is the recipe's data.name at fault
+        if exc.file is None:
+            exc.file, exc.key = source, exc.key or "data.name"
+        raise
     datamodule = RexDataModule(recipe, dataset_dir, seed, extra_context)
     load_plugins(recipe.plugins)
     context = datamodule.context()

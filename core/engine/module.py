@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from rex.config.errors import RexError
 from rex.engine.optim import build_optimizer, build_scheduler
 from rex.eval.evaluators import Evaluator
 
@@ -55,6 +56,12 @@ class RexModule(L.LightningModule):
                 self.log(f"train/loss_{loss.name}", value, on_step=True, on_epoch=True)
             total = value * loss.weight if total is None else total + value * loss.weight
         assert total is not None
+        if not torch.isfinite(total.detach()):
+            raise RexError(
+                f"the training loss became {float(total.detach()):g} at epoch {self.current_epoch}, step "
+                f"{self.global_step}; lower train.lr, set train.grad_clip or check the input data",
+                key="train",
+            )
         rows = next(iter(batch.values())).shape[0]
         self.log("train/loss", total, prog_bar=True, on_step=True, on_epoch=True, batch_size=rows)
         self._log_throughput(rows)

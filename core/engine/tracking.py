@@ -17,7 +17,7 @@ from rex.engine.runs import METRICS_FILE
 
 BEST_CKPT = "best.ckpt"
 
-console = Console(stderr=True)
+console = Console(stderr=True, emoji=False)  # user text (names, ids) is printed as written
 
 
 def resolve_mode(cfg: WandbConfig) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -26,6 +27,7 @@ from rex.engine.allocator import reuse_freed_memory
 from rex.engine.build import Built, build_run
 from rex.engine.runs import (
     ENV_FILE,
+    METRICS_FILE,
     RECIPE_FILE,
     AtomicCheckpointIO,
     MetricsRecorder,
@@ -37,7 +39,7 @@ from rex.engine.runs import (
     read_metrics,
 )
 
-console = Console(stderr=True)
+console = Console(stderr=True, emoji=False)  # user text (names, ids) is printed as written
 CHECKPOINTS = "checkpoints"
 
 
@@ -72,7 +74,8 @@ class Throughput(Callback):
 
 
 def _loggers(recipe: Recipe, run_dir: Path) -> list[Logger]:
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version=0)]
+    # version=None: a resumed run logs to csv/version_1 rather than deleting version_0's epochs
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version=None)]
     if recipe.logging.wandb is not None:
         from rex.engine.tracking import wandb_logger
 
@@ -209,7 +212,11 @@ def fit_and_test(
     trainer = _trainer(recipe, run_dir, callbacks)
     started = time.perf_counter()
     last = ckpt_dir / "last.ckpt"
-    trainer.fit(built.module, datamodule=built.datamodule, ckpt_path=str(last) if resume else None)
+    try:
+        trainer.fit(built.module, datamodule=built.datamodule, ckpt_path=str(last) if resume else None)
+    except RexError as exc:  # raised inside a step (a loss gone NaN): name the recipe it ran
+        exc.file = exc.file or source
+        raise
     fit_seconds = time.perf_counter() - started
     if trainer.interrupted:
         raise RexError(
@@ -275,8 +282,9 @@ def train(
                 console.rule(f"{recipe.name} · seed {seed}")
                 results.append(run_one(loaded, seed, run_dir, reuse=reuse_stages))
             atomic_write_json(root / "summary.json", summarize(results))
-    except RexError:
-        _remove_if_empty(root)
+    except BaseException as exc:
+        if not _remove_if_empty(root):
+            _mark_failed(root, exc)
         raise
     print_summary(recipe, results, root)
     if summary_to is not None:
@@ -284,12 +292,26 @@ def train(
     return root
 
 
-def _remove_if_empty(run_dir: Path) -> None:
+def _remove_if_empty(run_dir: Path) -> bool:
     """A run that failed before writing anything (a data error, say) leaves no folder behind."""
-    if all(p.is_dir() for p in run_dir.rglob("*")):
-        for folder in sorted(run_dir.rglob("*"), reverse=True):
-            folder.rmdir()
-        run_dir.rmdir()
+    if not run_dir.is_dir() or not all(p.is_dir() for p in run_dir.rglob("*")):
+        return False
+    for folder in sorted(run_dir.rglob("*"), reverse=True):
+        folder.rmdir()
+    run_dir.rmdir()
+    return True
+
+
+def _mark_failed(root: Path, exc: BaseException) -> None:
+    """Each unfinished run folder under ``root`` records in ``metrics.json`` why it stopped, so a
+    folder an error left behind is not taken for a run in progress; ``--resume`` still works."""
+    reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, RexError) else str(exc)
+    for run_dir in [root, *sorted(root.glob("seed-*"))]:
+        if (run_dir / RECIPE_FILE).is_file():
+            with contextlib.suppress(RexError):
+                metrics = read_metrics(run_dir)
+                if "test" not in metrics:
+                    atomic_write_json(run_dir / METRICS_FILE, {**metrics, "failed": reason})
 
 
 def resume(run_dir: Path) -> Path:
@@ -306,7 +328,11 @@ def resume(run_dir: Path) -> Path:
     # A staged run continues at its first unfinished stage, whether or not that one has started.
     if not loaded.stages and not (run_dir / CHECKPOINTS / "last.ckpt").is_file():
         raise RexError("no checkpoints/last.ckpt to resume from; start a new run instead", file=str(run_dir))
-    result = run_one(loaded, loaded.recipe.seeds[0], run_dir, resume=True)
+    try:
+        result = run_one(loaded, loaded.recipe.seeds[0], run_dir, resume=True)
+    except BaseException as exc:
+        _mark_failed(run_dir, exc)
+        raise
     print_summary(loaded.recipe, [result], run_dir)
     return run_dir
 
@@ -346,8 +372,6 @@ def evaluate(target: Path) -> dict[str, float]:
     else:
         run_dir = target
         ckpt = run_dir / CHECKPOINTS / "best.ckpt"
-        if not ckpt.is_file():
-            ckpt = run_dir / CHECKPOINTS / "last.ckpt"
     if not (run_dir / RECIPE_FILE).is_file():
         raise RexError(f"no {RECIPE_FILE} beside the checkpoint; pass a run folder", file=str(target))
     quiet_lightning()
@@ -364,7 +388,15 @@ def evaluate(target: Path) -> dict[str, float]:
         if loaded.stages and not target.is_file():
             ckpt = run_dir / stage.name / CHECKPOINTS / "best.ckpt"
         recipe, context = stage.recipe, stage_contexts(whole, staged_run)[stage.name]
+    if not ckpt.is_file():
+        # Never fall back to last.ckpt unasked: its metrics are not the selected model's.
+        raise RexError(
+            "no best.ckpt (the run stopped before its first validation?); to test the last "
+            f"state anyway, pass {ckpt.with_name('last.ckpt')}",
+            file=str(ckpt),
+        )
     built = build_run(recipe, recipe.seeds[0], str(run_dir / RECIPE_FILE), context)
+    console.print(f"checkpoint: {ckpt}", markup=False, highlight=False, soft_wrap=True)
     state = load_checkpoint(ckpt)
     try:
         built.module.load_state_dict(state["state_dict"])

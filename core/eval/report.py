@@ -27,7 +27,7 @@ from rich.console import Console
 from rex.config.errors import RexError
 from rex.engine.runs import METRICS_FILE, RECIPE_FILE, atomic_write_text, read_metrics
 
-console = Console(stderr=True)
+console = Console(stderr=True, emoji=False)  # user text (names, ids) is printed as written
 SKIP_PARAMS = ("seed", "name", "description", "logging.")
 
 

@@ -43,7 +43,7 @@ from rex.sweep.spec import (
 from rex.sweep.storage import STORAGE_ENV, default_storage, fail_silent_trials, make_storage, shown_storage
 from rex.sweep.worker import Job, work
 
-console = Console(stderr=True)
+console = Console(stderr=True, emoji=False)  # user text (names, ids) is printed as written
 out = Console()
 SWEEP_FILE = "sweep.json"
 TERMINAL = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)

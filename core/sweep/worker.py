@@ -27,7 +27,7 @@ from rex.sweep.spec import (
 )
 from rex.sweep.storage import STORAGE_ENV, make_storage, shown_storage
 
-console = Console(stderr=True)
+console = Console(stderr=True, emoji=False)  # user text (names, ids) is printed as written
 out = Console()
 TRIAL_FILE = "trial.json"
 
