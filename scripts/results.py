@@ -56,7 +56,18 @@ ENTRIES = [
     Entry("scientific_mm", "din_mm", "baseline", "din_mm.yaml"),
     Entry("scientific_mm", "DMAE", "paper", "dmae.yaml"),
     Entry(
-        "scientific_mm", "DMAE − MIEU (sim_bucket=null)", "ablation", "dmae.yaml", ("model.sim_bucket=null",)
+        "scientific_mm",
+        "DMAE − similarity buckets (num_buckets=1)",
+        "ablation",
+        "dmae.yaml",
+        ("model.sim_bucket.num_buckets=1",),
+    ),
+    Entry(
+        "scientific_mm",
+        "DMAE − auto-encoder constraint (decoder=false)",
+        "ablation",
+        "dmae.yaml",
+        ("model.decoder=false",),
     ),
     Entry("scientific_mm", "Diff-MSIN", "paper", "diff_msin.yaml"),
     Entry(
@@ -237,6 +248,15 @@ def _sections(text: str) -> dict[str, str]:
     return {block.split("\n", 1)[0]: "## " + block.rstrip("\n") + "\n" for block in blocks}
 
 
+def _rows(section: str) -> dict[str, str]:
+    """A section's table rows by model label."""
+    return {
+        line.split("|")[1].strip(): line
+        for line in section.splitlines()
+        if line.startswith("| ") and not line.startswith("| model ")
+    }
+
+
 def write_table(seeds: int) -> None:
     """docs/results.md from the finished runs; a section with no runs here keeps its text."""
     kept = _sections(TABLE.read_text()) if TABLE.is_file() else {}
@@ -266,7 +286,11 @@ def write_table(seeds: int) -> None:
             f"| model | role | {' | '.join(names)} | s / seed | command |",
             "|---|---|" + "---|" * len(metrics) + "---|---|",
         ]
+        old_rows = _rows(kept.get(section, ""))
         for entry in entries:
+            if not runs[entry.label] and entry.label in old_rows:
+                lines.append(old_rows[entry.label])  # run elsewhere; kept as published
+                continue
             tests = [json.loads(f.read_text())["test"] for f in runs[entry.label]]
             walls = [_wall_time(f) for f in runs[entry.label]]
             wall = f"{sum(walls) / len(walls):.0f}" if walls else "—"

@@ -309,5 +309,5 @@ def test_shared_argument_checks_name_every_bad_argument() -> None:
 
     with pytest.raises(ValueError, match=r"k and iters must be >= 1, got k=0, iters=0"):
         BalancedKMeans(k=0, iters=0)
-    with pytest.raises(ValueError, match=r"num_buckets must be >= 2, got num_buckets=1"):
-        SimBucket(dim=4, max_len=5, num_buckets=1)
+    with pytest.raises(ValueError, match=r"dim and num_buckets must be >= 1, got dim=0, num_buckets=0"):
+        SimBucket(dim=0, max_len=5, num_buckets=0)

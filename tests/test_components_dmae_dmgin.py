@@ -272,8 +272,15 @@ def test_recipe_model_trains_every_new_component_on_a_real_batch(
 
 
 def test_ablation_switches_build_the_reduced_models(home: Path) -> None:
-    dmae = build_run(load_recipe(REPO / "recipes" / "dmae.yaml", ["model.sim_bucket=null"]).recipe, 0, "dmae")
-    assert len(dmae.module.model.units) == 0 and not hasattr(dmae.module.model, "decoder")
+    def dmae(*overrides: str):
+        return build_run(load_recipe(REPO / "recipes" / "dmae.yaml", list(overrides)).recipe, 0, "dmae")
+
+    no_decoder = dmae("model.decoder=false")
+    assert no_decoder.module.model.decoder is None and len(no_decoder.module.model.units) == 2
+    assert no_decoder.skipped_losses == ["interest_reconstruction"]  # the constraint goes with it
+    one_bucket = dmae("model.sim_bucket.num_buckets=1").module.model
+    assert all(unit.buckets.num_embeddings == 1 for unit in one_bucket.units)
+    assert one_bucket.decoder is not None
     dmgin = build_run(
         load_recipe(REPO / "recipes" / "dmgin.yaml", ["model.encoder.inter=null"]).recipe, 0, "dmgin"
     )

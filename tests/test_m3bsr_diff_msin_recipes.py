@@ -4,7 +4,10 @@ lists into CTR batches."""
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,3 +145,38 @@ def test_user_columns_on_a_dataset_without_users_view_is_a_short_error(home: Pat
     assert out.returncode == 2
     assert "data.user_columns" in out.stderr and "no users view" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def _results_entries() -> list:  # type: ignore[type-arg]
+    spec = importlib.util.spec_from_file_location("results", REPO / "scripts" / "results.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["results"] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return list(module.ENTRIES)
+
+
+def _structure(recipe: str, overrides: tuple[str, ...]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    model = _built(recipe, *overrides).module.model
+    return tuple((name, tuple(value.shape)) for name, value in model.state_dict().items())
+
+
+def _size(structure: tuple[tuple[str, tuple[int, ...]], ...]) -> int:
+    return sum(math.prod(shape) for _, shape in structure)
+
+
+@pytest.mark.parametrize("dataset", ["scientific_mm", "taobao_mb"])
+def test_every_ablation_row_builds_a_model_unlike_any_other_row(home: Path, dataset: str) -> None:
+    """An ablation removes one module: a row whose model is another row's by construction (as
+    DMAE with sim_bucket=null was DIN's) is a duplicate, not a result."""
+    entries = [e for e in _results_entries() if e.dataset == dataset and not e.runs_of]
+    structures = {e.label: _structure(e.recipe, e.overrides) for e in entries}
+    ablations = [e for e in entries if e.role == "ablation"]
+    assert ablations
+    for entry in ablations:
+        ablated = structures[entry.label]
+        assert all(ablated != other for label, other in structures.items() if label != entry.label), (
+            entry.label
+        )
+        (paper,) = [e for e in entries if e.role == "paper" and e.recipe == entry.recipe]
+        assert _size(ablated) < _size(structures[paper.label]), entry.label  # something was removed

@@ -16,7 +16,8 @@ class SimBucket(nn.Module):
     ``forward(similarity: (B, L) in [0, 1], mask: (B, L) bool, True = valid) -> (B, L, dim)``.
     Each score ``r`` is mapped affinely, ``r' = w r + b`` (learnt scalars), bucketised into
     ``num_buckets`` equal bins of ``[0, 1]`` (``floor(clamp(r') (N - 1))``) and multiplied by that
-    bucket's embedding: ``r' * Bucket[idx]``, so the vector keeps both the bin and the exact value.
+    bucket's embedding: ``r' * Bucket[idx]``, so the vector keeps both the bin and the exact value
+    (with one bucket, only the value).
     The click time is added as a recency embedding. Histories here carry no timestamps, so the
     time signal is the position counted from the most recent item (sequences are left-padded,
     right-aligned), capped at ``max_len - 1``. Masked positions are zero.
@@ -25,8 +26,8 @@ class SimBucket(nn.Module):
 
     def __init__(self, dim: int, max_len: int, num_buckets: int = 20) -> None:
         super().__init__()
-        at_least(1, dim=dim, max_len=max_len)
-        at_least(2, num_buckets=num_buckets)
+        # One bucket is the ablation without bucketisation: the score scales a single vector.
+        at_least(1, dim=dim, max_len=max_len, num_buckets=num_buckets)
         self.dim = dim
         self.max_len = max_len
         self.num_buckets = num_buckets

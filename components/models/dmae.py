@@ -21,7 +21,9 @@ class DMAE(nn.Module):
     embedding and its modality vectors, and ``interest`` pools the fused behaviours against the
     target (B, dim). The decoder maps each fused behaviour back to one score per modality
     (``recon_logits`` (B, L, M), with ``recon_target`` the real similarities and ``recon_mask``)
-    for ``loss/interest_reconstruction``. With ``sim_bucket: null`` the branch is off (DIN).
+    for ``loss/interest_reconstruction``. With ``decoder: false`` there is no decoder and no
+    reconstruction output (the auto-encoder constraint alone is removed); with
+    ``sim_bucket: null`` the whole multimodal branch is off, which leaves DIN.
     """
 
     def __init__(
@@ -34,6 +36,7 @@ class DMAE(nn.Module):
         modalities: list[str],
         sim_bucket: Factory[nn.Module] | None = None,
         use_fields: list[str] | None = None,
+        decoder: bool = True,
     ) -> None:
         super().__init__()
         used = item_fields(fields, use_fields)
@@ -57,10 +60,10 @@ class DMAE(nn.Module):
             m = len(self.modalities)
             self.gate = nn.Linear((m + 1) * dim, m)
             self.fused_interest = interest(dim=dim)
-            self.decoder = nn.Linear(dim, m)
+        self.decoder = nn.Linear(dim, len(self.modalities)) if self.units and decoder else None
         width = (len(used) + 1 + (1 if self.units else 0)) * dim
         self.tower = tower(in_dim=width)
-        decoded = {"recon_logits", "recon_target", "recon_mask"} if self.units else set()
+        decoded = {"recon_logits", "recon_target", "recon_mask"} if self.decoder is not None else set()
         self.outputs = frozenset({"logit", *decoded})
         self.head = nn.Linear(self.tower.out_dim, 1)
 
@@ -88,6 +91,7 @@ class DMAE(nn.Module):
             gate = torch.softmax(self.gate(torch.cat([behaviours, encoded.flatten(2)], -1)), dim=-1)
             fused = torch.einsum("blm,blmd->bld", gate, encoded)
             parts.append(self.fused_interest(target, fused, mask))
-            outputs = {"recon_logits": self.decoder(fused), "recon_target": similarity, "recon_mask": mask}
+            if self.decoder is not None:
+                outputs = {"recon_logits": self.decoder(fused), "recon_target": similarity, "recon_mask": mask}
         logit = self.head(self.tower(torch.cat(parts, dim=1))).squeeze(-1)
         return {"logit": logit, **outputs}
