@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from rex.config.errors import RexError
 
@@ -118,7 +119,7 @@ def list_components(
     table.add_column("component")
     table.add_column("description")
     for entry in found:
-        table.add_row(entry.key, entry.summary)
+        table.add_row(Text(entry.key), Text(entry.summary))  # Text: brackets in docs are not markup
     out.print(table)
 
 

@@ -10,6 +10,10 @@ def test_list_shows_components_with_their_summary():
     assert result.returncode == 0
     assert "encoder/transformer" in result.stdout and "encoder/mlp" in result.stdout
     assert "loss/bce" not in result.stdout
+    models = run_rex("list", "model", env={"COLUMNS": "200"})
+    # docstrings read as plain text: no reStructuredText backticks, brackets not taken as markup
+    assert "``" not in models.stdout and ":meth:" not in models.stdout
+    assert "field embeddings → [target attention over the history] → MLP" in models.stdout
     bad = run_rex("list", "encoders")
     assert bad.returncode == 2 and "kinds:" in bad.stderr
 

@@ -44,8 +44,10 @@ class Entry:
 
     @property
     def summary(self) -> str:
-        doc = inspect.getdoc(self.target) or ""
-        return doc.strip().splitlines()[0] if doc.strip() else ""
+        """The docstring's first paragraph as plain text: ````x```` and ``:meth:`x``` read as ``x``."""
+        doc = (inspect.getdoc(self.target) or "").strip()
+        first = " ".join(doc.split("\n\n", 1)[0].split())
+        return re.sub(r"(?::\w+:)?`+([^`]+)`+", r"\1", first)
 
 
 _REGISTRY: dict[str, Entry] = {}
