@@ -187,3 +187,15 @@ def test_every_sampler_proposes_points_in_the_space(data_home, tmp_path, kind):
 def test_grid_sampler_needs_steps(data_home, tmp_path):
     err = _error(tmp_path, sampler={"type": "grid"})
     assert err.key == "params.train.lr" and "grid sampler needs a step" in err.detail
+
+
+def test_a_storage_that_cannot_open_names_the_spec_and_hides_the_password(data_home, tmp_path):
+    path = _spec(tmp_path, storage="postgresql://rex:hunter2@127.0.0.1:1/studies")
+    result = run_rex("sweep", str(path), f"logging.run_root={tmp_path / 'runs'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert (
+        "spec.yaml: storage: cannot open study storage postgresql://rex:***@127.0.0.1:1/studies"
+        in result.stderr
+    )
+    assert "hunter2" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) <= 3

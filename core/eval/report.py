@@ -298,7 +298,8 @@ def plot_study(sweep: SweepInfo, folder: Path) -> list[Path]:
     spec = load_spec(spec_path)
     name = sweep.summary["study"]
     study = optuna.load_study(
-        study_name=name, storage=make_storage(spec.storage or default_storage(spec_path, name), spec)
+        study_name=name,
+        storage=make_storage(spec.storage or default_storage(spec_path, name), spec, spec_path),
     )
     made = []
     for kind, draw in (

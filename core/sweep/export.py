@@ -32,7 +32,7 @@ def export_best(spec_path: Path, target: Path | None, params_yaml: Path | None) 
     name = spec.name or spec_path.stem
     storage_url = spec.storage or default_storage(spec_path, name)
     try:
-        study = optuna.load_study(study_name=name, storage=make_storage(storage_url, spec))
+        study = optuna.load_study(study_name=name, storage=make_storage(storage_url, spec, spec_path))
         best = study.best_trial
     except (KeyError, ValueError) as exc:
         raise RexError(

@@ -34,7 +34,8 @@ def shown_storage(url: str) -> str:
         return url.split(":", 1)[0] + "://..."
 
 
-def make_storage(url: str, spec: SweepSpec) -> optuna.storages.RDBStorage:
+def make_storage(url: str, spec: SweepSpec, spec_path: Path | str) -> optuna.storages.RDBStorage:
+    """The study's RDB storage; a URL that cannot be opened is a RexError naming the spec file."""
     # SQLite serialises writers; a generous busy timeout lets several workers share one file.
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
     try:
@@ -47,8 +48,12 @@ def make_storage(url: str, spec: SweepSpec) -> optuna.storages.RDBStorage:
             grace_period=spec.grace_period,
         )
     except Exception as exc:
+        # The driver's message may quote the URL, password and all: name only the error's type.
         raise RexError(
-            f"cannot open study storage {shown_storage(url)}: {type(exc).__name__}", key="storage"
+            f"cannot open study storage {shown_storage(url)} ({type(exc).__name__}); check the URL, "
+            "that its database driver is installed and that the server is up",
+            file=str(spec_path),
+            key="storage",
         ) from exc
 
 

@@ -117,7 +117,7 @@ def prepare(
 
 def _open_study(prep: Prepared, resume: bool) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
     spec, job = prep.spec, prep.job
-    storage = make_storage(job.storage, spec)
+    storage = make_storage(job.storage, spec, job.spec_path)
     exists = any(s.study_name == job.name for s in optuna.get_all_study_summaries(storage))
     if exists and not resume:
         study = optuna.load_study(study_name=job.name, storage=storage)

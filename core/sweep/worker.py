@@ -161,7 +161,7 @@ def work(job: Job) -> None:
     base = load_recipe(job.recipe_path, job.base_overrides).resolved
     study = optuna.load_study(
         study_name=job.name,
-        storage=make_storage(job.storage, spec),
+        storage=make_storage(job.storage, spec, job.spec_path),
         sampler=make_sampler(spec, job.worker),
         pruner=make_pruner(spec, int(base["train"]["max_epochs"])),
     )
