@@ -210,3 +210,12 @@ def test_a_plugin_registers_a_new_task_without_touching_the_core(data_home, tmp_
     batch = next(iter(result.datamodule.loader("train")))
     assert (batch["targets"][:, :-1] == 0).all() and (batch["targets"][:, -1] > 0).any()
     assert result.module.evaluator.__class__.__name__ == "RankingEvaluator"
+
+
+def test_samples_per_second_count_what_each_task_supervises():
+    from rex.data.tasks import ClickTask, NextItemTask, next_item_pairs
+
+    sequences = {"items": torch.tensor([[0, 2, 3, 4], [0, 0, 6, 5]]), "user": torch.tensor([1, 2])}
+    batch = next_item_pairs(sequences)  # positions with a next item: 2 + 1
+    assert NextItemTask().samples(batch) == 3
+    assert ClickTask().samples({"label": torch.ones(7), "item": torch.ones(7)}) == 7

@@ -97,11 +97,15 @@ def test_page_renders_in_headless_chromium(made, tmp_path):
         f"--user-data-dir={tmp_path / 'profile'}",
     ]
     url = made.html.resolve().as_uri()
-    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
-    # The page's own script counts the images that decoded once the page loaded.
+    laptop = "--window-size=1280,800"
+    dom = subprocess.run([*flags, laptop, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    # The page's own script counts the images that decoded once the page loaded...
     loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom.stdout)
     assert loaded, dom.stderr[-1000:]
     assert loaded.group(1) == loaded.group(2) == str(len(made.plots))
+    # ...and measures the page: at a laptop's width nothing is cut off, the table scrolls in its box.
+    width = re.search(r'data-page-width="(\d+)"', dom.stdout)
+    assert width and int(width.group(1)) <= 1280, dom.stdout[-500:]
     shot = made.folder / "screenshot.png"
     subprocess.run(
         [*flags, "--window-size=1400,2400", f"--screenshot={shot}", url],
@@ -176,3 +180,18 @@ def test_trials_average_their_seeds(sweep_dir):
         assert scores[0] != scores[1]
         assert trial["value"] == pytest.approx(sum(scores) / 2)
         assert all("test" not in r for r in runs)
+
+
+def test_one_run_reads_plainly(data_home, tmp_path):
+    from rex.engine.train import train
+    from tests.conftest import REPO
+
+    run = train(
+        REPO / "recipes" / "deepfm.yaml",
+        ["train.max_epochs=2", "train.limit_train_batches=3", f"logging.run_root={tmp_path}"],
+    )
+    made = report([run], tmp_path / "out")
+    page = made.html.read_text()
+    assert "1 row from" in page and "1 rows" not in page
+    assert "state" not in made.columns  # empty outside a sweep, so not shown
+    assert "samples/s" in made.columns and "a sample is one supervised prediction" in page

@@ -166,7 +166,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "val_logloss_per_epoch": [round(r["logloss"], 5) for r in validation],
             "best": data.get("best"),
             "fit_s": data.get("train", {}).get("wall_time_s"),
-            "fit_rows_per_s": data.get("train", {}).get("rows_per_s"),
+            "fit_rows_per_s": data.get("train", {}).get("samples_per_s"),  # CTR: a sample is a row
         }
     result |= {
         "peak_rss_mb": peak_rss_mb(),

@@ -55,6 +55,10 @@ class Task:
         """Training samples per row, for ``train.batch_samples``; None when rows are samples."""
         return None
 
+    def samples(self, batch: dict[str, Tensor]) -> int:
+        """Supervised predictions in a training batch, the unit of samples/s: one per row here."""
+        return int(next(iter(batch.values())).shape[0])
+
 
 @register("task/ctr")
 class ClickTask(Task):
@@ -108,6 +112,11 @@ class NextItemTask(Task):
         items = columns["items"]
         assert isinstance(items, Ragged)
         return items.lengths() - 1  # inputs with a next item
+
+    def samples(self, batch: dict[str, Tensor]) -> int:
+        """One per position with a next item (every position is supervised), as the benchmarks
+        count them."""
+        return int((batch["targets"] > 0).sum())
 
 
 def next_item_pairs(batch: dict[str, Tensor]) -> dict[str, Tensor]:

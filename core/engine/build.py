@@ -66,7 +66,15 @@ def build_run(
         check_optimizer(optimizer)
         if recipe.scheduler is not None:
             check_scheduler(recipe.scheduler)
-        module = RexModule(model, losses, evaluator, optimizer, recipe.scheduler, str(recipe.eval.monitor))
+        module = RexModule(
+            model,
+            losses,
+            evaluator,
+            optimizer,
+            recipe.scheduler,
+            str(recipe.eval.monitor),
+            count_samples=datamodule.task.samples,
+        )
         frozen = freeze(module, recipe.freeze)
     except RecipeError as exc:
         exc.file = exc.file or source

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ class RexModule(L.LightningModule):
         optimizer: dict[str, Any],
         scheduler: dict[str, Any] | None,
         monitor: str,
+        count_samples: Callable[[dict[str, Tensor]], int] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -42,6 +44,7 @@ class RexModule(L.LightningModule):
         self.optimizer_node = optimizer
         self.scheduler_node = scheduler
         self.monitor = monitor
+        self.count_samples = count_samples or (lambda batch: int(next(iter(batch.values())).shape[0]))
         self._last_step_end: float | None = None
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -64,13 +67,13 @@ class RexModule(L.LightningModule):
             )
         rows = next(iter(batch.values())).shape[0]
         self.log("train/loss", total, prog_bar=True, on_step=True, on_epoch=True, batch_size=rows)
-        self._log_throughput(rows)
+        self._log_throughput(self.count_samples(batch))
         return total
 
-    def _log_throughput(self, rows: int) -> None:
+    def _log_throughput(self, samples: int) -> None:
         now = time.perf_counter()
         if self._last_step_end is not None and now > self._last_step_end:
-            self.log("samples/s", rows / (now - self._last_step_end), prog_bar=True, on_step=True)
+            self.log("samples/s", samples / (now - self._last_step_end), prog_bar=True, on_step=True)
         self._last_step_end = now
 
     def on_train_epoch_start(self) -> None:

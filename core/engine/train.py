@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from rich.console import Console
 from rich.table import Table
+from torch import Tensor
 
 from rex.config.errors import RexError
 from rex.config.recipe import LoadedRecipe, load_recipe
@@ -54,10 +55,12 @@ def quiet_lightning() -> None:
 
 
 class Throughput(Callback):
-    """Training rows per second over the run, excluding validation."""
+    """Training samples per second over the run, excluding validation; a sample is what the
+    task counts (a row for CTR, a position with a next item for next-item training)."""
 
-    def __init__(self) -> None:
-        self.rows = 0
+    def __init__(self, count: Callable[[dict[str, Tensor]], int]) -> None:
+        self.count = count
+        self.samples = 0
         self.seconds = 0.0
         self._start = 0.0
 
@@ -70,7 +73,7 @@ class Throughput(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.seconds += time.perf_counter() - self._start
-        self.rows += next(iter(batch.values())).shape[0]
+        self.samples += self.count(batch)
 
 
 def _loggers(recipe: Recipe, run_dir: Path) -> list[Logger]:
@@ -203,7 +206,7 @@ def fit_and_test(
         "monitor": monitor,
     }
     recorder = MetricsRecorder(run_dir, header)
-    throughput = Throughput()
+    throughput = Throughput(built.datamodule.task.samples)
     callbacks += [recorder, throughput, *extra_callbacks]
     if recipe.logging.wandb is not None:
         from rex.engine.tracking import WandbRunInfo
@@ -232,7 +235,9 @@ def fit_and_test(
         "train",
         {
             "wall_time_s": round(previous_train.get("wall_time_s", 0.0) + fit_seconds, 2),
-            "rows_per_s": round(throughput.rows / throughput.seconds, 1) if throughput.seconds else None,
+            "samples_per_s": round(throughput.samples / throughput.seconds, 1)
+            if throughput.seconds
+            else None,
             "epochs": trainer.current_epoch,
             "global_steps": trainer.global_step,
         },

@@ -83,7 +83,12 @@ def _run_row(label: str, seed_dirs: list[Path], state: str = "") -> Row:
     recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else {}
     trains = [r.get("train", {}) for r in runs]
     walls = [t["wall_time_s"] for t in trains if t.get("wall_time_s") is not None]
-    rates = [t["rows_per_s"] for t in trains if t.get("rows_per_s")]
+    # rows_per_s: runs recorded before samples were counted by task
+    rates = [
+        t.get("samples_per_s") or t["rows_per_s"]
+        for t in trains
+        if t.get("samples_per_s") or t.get("rows_per_s")
+    ]
     monitor = str(runs[0].get("monitor", "")).removeprefix("val/")
     return Row(
         label=label,
@@ -211,6 +216,10 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]], list[list[Any]]]
     for m in metric_names:
         csv_columns += [m, f"{m}_std"]
     csv_columns += ["parameters_that_differ", "wall_time_s", "samples_per_s"]
+    # A column empty in every row (state outside a sweep, say) is left out of the shown table.
+    keep = [i for i in range(len(columns)) if i == 0 or any(row[i] for row in shown)]
+    columns = [columns[i] for i in keep]
+    shown = [[row[i] for i in keep] for row in shown]
     return columns, shown, [csv_columns, *raw]
 
 
@@ -275,7 +284,12 @@ def plot_headline(rows: list[Row], path: Path) -> bool:
         color=["#d62728" if d[3] == "test" else "#1f77b4" for d in data],
     )
     ax.invert_yaxis()
-    ax.set_xlabel(f"{metric} (blue: validation, red: test)")
+    drawn = [
+        name
+        for split, name in (("val", "blue: validation"), ("test", "red: test"))
+        if split in {d[3] for d in data}
+    ]
+    ax.set_xlabel(f"{metric} ({', '.join(drawn)})")
     ax.set_title(f"{metric} per run (mean ± std over seeds)")
     _save(fig, path)
     plt.close(fig)
@@ -340,6 +354,7 @@ def _html(
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font-family: sans-serif; margin: 2em; color: #222; }}
+.scroll {{ overflow-x: auto; max-width: 100%; }}
 table {{ border-collapse: collapse; font-size: 13px; }}
 th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; }}
 th {{ background: #f0f0f0; }}
@@ -349,7 +364,7 @@ img {{ max-width: 760px; border: 1px solid #ddd; }}
 <body>
 <h1>{html.escape(title)}</h1>
 <ul>{items}</ul>
-<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>
 <h2>Plots</h2>
 {figures}
 <script>
@@ -357,6 +372,8 @@ window.addEventListener("load", function () {{
   var imgs = Array.prototype.slice.call(document.images);
   var ok = imgs.filter(function (i) {{ return i.complete && i.naturalWidth > 0; }}).length;
   document.body.setAttribute("data-images-loaded", ok + "/" + imgs.length);
+  // and how wide the page lays out: a wide table must scroll inside its box, not widen the page
+  document.body.setAttribute("data-page-width", document.documentElement.scrollWidth);
 }});
 </script>
 </body></html>
@@ -393,7 +410,9 @@ def report(targets: list[Path], out_dir: Path | None = None) -> Report:
         if draw(rows, out_dir / f"{name}.png"):
             plots.append(out_dir / f"{name}.png")
     notes = [
-        f"{len(rows)} rows from {', '.join(str(t) for t in targets)}",
+        f"{len(rows)} row{'s' * (len(rows) != 1)} from {', '.join(str(t) for t in targets)}",
+        "samples/s: training samples per second, validation excluded; a sample is one supervised "
+        "prediction (a row for CTR, a position with a next item for next-item training)",
         "split 'val': sweep trials, selected on validation and never tested; split 'test': final runs",
     ]
     for sweep in sweeps:
