@@ -299,6 +299,37 @@ MALFORMED: dict[str, tuple[dict[str, str | bytes], dict | str, str]] = {
         _recbole(),
         r"log\.inter: line 7: not UTF-8 text",
     ),
+    # numpy strips a trailing NUL: 'u1\0' would silently become user u1
+    "NUL byte in a user id": (
+        {"log.csv": CSV_TEXT.replace("u1,i13", "u1\x00,i13")},
+        _mapping(item_features=None),
+        r"log\.csv: line 4, column 'user': id 'u1\\x00' holds a NUL byte; remove it",
+    ),
+    "NUL byte in a feature file's id": (
+        {"log.csv": CSV_TEXT, "items.csv": ITEMS_CSV.replace("i13,", "i\x0013,")},
+        _mapping(),
+        r"items\.csv: line 4, column 'item': id 'i\\x0013' holds a NUL byte",
+    ),
+    "every user has too few interactions": (
+        {"log.csv": "user,item,rating,ts\n" + "".join(f"u{n},i{n % 3},4,{n}\n" for n in range(8))},
+        _mapping(item_features=None),
+        r"log\.csv: the sequence view would be empty: all 8 users have fewer than 3 interactions",
+    ),
+    "empty ctr split": (
+        {"log.csv": CSV_TEXT},
+        _mapping(item_features=None, split={"fractions": [0.9, 0.1, 0.0]}),
+        r"mapping\.yaml: split\.fractions: the ctr test split is empty \(0 of 12 rows\)",
+    ),
+    "a single class in ctr train": (
+        {"log.csv": CSV_TEXT},
+        _mapping(item_features=None, label={"threshold": 6}),
+        r"mapping\.yaml: label: every label of the ctr train split of log\.csv is 0: there is nothing to learn",
+    ),
+    "unknown duplicates policy": (
+        {"log.csv": CSV_TEXT},
+        _mapping(item_features=None, duplicates="remove"),
+        r"mapping\.yaml: duplicates: Input should be 'drop' or 'keep'",
+    ),
 }
 
 
@@ -322,6 +353,71 @@ def test_malformed_parquet_value_names_the_row(tmp_path: Path) -> None:
     mapping = _write(directory, {}, _recbole(interactions={"path": "log.parquet"}, label=None))
     with pytest.raises(DataError, match=r"log\.parquet: row 3, column 't': 'soon' is not a number"):
         import_dataset(mapping, root=tmp_path / "home")
+
+
+def test_a_list_id_column_in_parquet_must_be_a_scalar(tmp_path: Path) -> None:
+    directory = tmp_path / "in"
+    directory.mkdir()
+    pq.write_table(
+        pa.table({"u": [["a"], ["b", "c"], ["a"]], "i": ["x", "y", "z"], "t": [1, 2, 3]}),
+        directory / "log.parquet",
+    )
+    mapping = _write(directory, {}, _recbole(interactions={"path": "log.parquet"}, label=None))
+    home = tmp_path / "home"
+    with pytest.raises(
+        DataError,
+        match=r"log\.parquet: column 'u' holds list<.*> values: an id column must be a scalar \(string or integer\)",
+    ):
+        import_dataset(mapping, root=home)
+    assert not home.exists()
+
+
+def _tables(directory: Path) -> dict[str, pa.Table]:
+    return {
+        table: lance.dataset(str(directory / f"{table}.lance")).to_table()
+        for table in load_schema(directory).tables
+    }
+
+
+def test_exact_duplicate_rows_are_reported_and_dropped(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import_dataset(tiny, root=tmp_path / "once")
+    (tiny.parent / "log.csv").write_text(CSV_TEXT + CSV_TEXT.split("\n", 1)[1], encoding="utf-8")
+    capsys.readouterr()
+    schema = import_dataset(tiny, root=tmp_path / "twice").schema
+    assert "warning: 12 of 24 rows of " in capsys.readouterr().err
+    assert schema.counts["raw_interactions"] == 12
+    assert _tables(tmp_path / "twice" / "tiny") == _tables(tmp_path / "once" / "tiny")
+
+
+def test_duplicates_keep_keeps_them(tiny: Path, tmp_path: Path) -> None:
+    mapping = _write(
+        tiny.parent, {"log.csv": CSV_TEXT + CSV_TEXT.split("\n", 1)[1]}, _mapping(duplicates="keep")
+    )
+    schema = import_dataset(mapping, root=tmp_path / "home").schema
+    assert schema.counts["raw_interactions"] == 24
+    assert schema.params["duplicates"] == "keep"
+
+
+def test_a_single_class_in_valid_or_test_is_a_warning_naming_the_split(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # With this seed the 3 valid rows are all positive and the 3 test rows all negative.
+    mapping = _write(
+        tmp_path / "in",
+        {"log.csv": CSV_TEXT},
+        _mapping(item_features=None, split={"fractions": [0.5, 0.25, 0.25], "seed": 4}),
+    )
+    import_dataset(mapping, root=tmp_path / "home")
+    err = capsys.readouterr().err
+    for split, label in (("valid", 1), ("test", 0)):
+        labels = read_columns(tmp_path / "home" / "tiny" / f"ctr_{split}.lance", ["label"])["label"]
+        assert set(labels.tolist()) == {label}
+        assert (
+            f"warning: every label of the ctr {split} split of log.csv is {label}: its AUC will be NaN" in err
+        )
+    assert "ctr train split" not in err
 
 
 def test_missing_mapping_file(tmp_path: Path) -> None:

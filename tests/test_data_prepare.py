@@ -7,6 +7,9 @@ vectorised code under test.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections import defaultdict
@@ -263,6 +266,29 @@ def test_up_to_date_dataset_is_reused(root: Path, monkeypatch: pytest.MonkeyPatc
     with pytest.raises(AssertionError, match="rebuilt"):
         prepare_dataset("ml-100k", params={"ctr_max_history": 20}, root=root)
     assert data_hash(root / "ml-100k") == before
+
+
+def test_a_schema_that_disagrees_with_its_tables_is_not_up_to_date(root: Path, tmp_path: Path) -> None:
+    shutil.copytree(root / "ml-100k", tmp_path / "ml-100k")
+    schema_file = tmp_path / "ml-100k" / "schema.json"
+    schema_file.write_text(json.dumps({**json.loads(schema_file.read_text()), "num_items": 1000}))
+    with pytest.raises(
+        DataError,
+        match=r"ml-100k/schema\.json: num_items is 1000 but seq_train\.lance column 'items' holds id 16\d\d: the "
+        r"schema does not belong to these tables; rebuild it with `rex data prepare ml-100k --force`",
+    ):
+        prepare_dataset("ml-100k", params={}, root=tmp_path)
+
+
+def test_an_up_to_date_prepare_removes_what_killed_prepares_left(root: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    leftovers = [root / f"ml-100k.old-{child.pid}", root / f".ml-100k.tmp-{child.pid}"]
+    for leftover in leftovers:
+        (leftover / "ctr_train.lance").mkdir(parents=True)  # half deleted
+    prepare_dataset("ml-100k", params={}, root=root)
+    assert not any(leftover.exists() for leftover in leftovers)
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(("ml-100k", ".ml-100k"))) == ["ml-100k"]
 
 
 def test_failed_build_keeps_the_old_dataset(

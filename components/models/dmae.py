@@ -92,6 +92,10 @@ class DMAE(nn.Module):
             fused = torch.einsum("blm,blmd->bld", gate, encoded)
             parts.append(self.fused_interest(target, fused, mask))
             if self.decoder is not None:
-                outputs = {"recon_logits": self.decoder(fused), "recon_target": similarity, "recon_mask": mask}
+                outputs = {
+                    "recon_logits": self.decoder(fused),
+                    "recon_target": similarity,
+                    "recon_mask": mask,
+                }
         logit = self.head(self.tower(torch.cat(parts, dim=1))).squeeze(-1)
         return {"logit": logit, **outputs}

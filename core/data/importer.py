@@ -15,14 +15,21 @@ optional user/item feature files and the split::
         genre: {column: class, first_token: true, unknown: [unknown]}
     split: {protocol: leave_one_out, fractions: [0.8, 0.1, 0.1], seed: 2024}
     ctr_max_history: 50
+    duplicates: drop                                 # or keep: rows equal in every mapped column
 
-Paths are relative to the mapping file. The result is the same dataset form as ``rex data
-prepare`` writes (Lance tables + schema.json under ``<data root>/<name>/``, views ``sequence``
-and, with a label rule, ``ctr``), built by the same core (:mod:`rex.data.interactions`) and
-written atomically, so ``rex train RECIPE data.name=<name>`` trains on it.
+Paths are relative to the mapping file. Rows that agree on every column the mapping reads (user,
+item, timestamp, label) are indistinguishable in the dataset: they are counted in a warning and,
+unless ``duplicates: keep``, dropped (the first of each stays).
+
+The result is the same dataset form as ``rex data prepare`` writes (Lance tables + schema.json
+under ``<data root>/<name>/``, views ``sequence`` and, with a label rule, ``ctr``), built by the
+same core (:mod:`rex.data.interactions`) and written atomically, so ``rex train RECIPE
+data.name=<name>`` trains on it.
 
 Every problem with the mapping or the files is a :class:`DataError` that names the file and,
 for the data, the line (row for Parquet) and column; nothing is written unless all is well.
+That includes data no model could train on: ids that are not scalars or hold a NUL byte, an
+empty split, and a ctr train split of a single class.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import yaml
@@ -44,7 +52,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from rex.config.base import Strict
 from rex.config.errors import DataError
-from rex.data.build import DATASETS, SplitFractions
+from rex.data.build import CTR_TABLES, DATASETS, MIN_SEQUENCE, Built, SplitFractions
 from rex.data.interactions import CtrSplit, SideFeatures, build_interactions
 from rex.data.mirror import log, sha256_file
 from rex.data.prepare import data_root, write_dataset
@@ -132,6 +140,7 @@ class ImportMapping(Strict):
     item_features: FeatureFile | None = None
     split: SplitSpec = Field(default_factory=SplitSpec)
     ctr_max_history: int = Field(50, ge=1)
+    duplicates: Literal["drop", "keep"] = "drop"
 
     @property
     def label_column(self) -> str | None:
@@ -203,7 +212,8 @@ def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # reading files with located errors
 
-Kind = Literal["token", "number"]
+# An id is a token that must be a scalar without NUL bytes: it keys users and items.
+Kind = Literal["id", "token", "number"]
 
 
 @dataclass(frozen=True)
@@ -250,7 +260,7 @@ def _line_of_row(path: Path, row: int) -> int:
 
 
 def read_file(source: Source, wanted: dict[str, Kind]) -> dict[str, np.ndarray]:
-    """Read the ``wanted`` columns: numbers as finite float64, tokens as strings."""
+    """Read the ``wanted`` columns: numbers as finite float64, ids and tokens as strings."""
     if source.path.stat().st_size == 0:
         raise DataError("empty file: expected a header line and rows", file=str(source.path))
     read = _read_parquet if source.format == "parquet" else _read_delimited
@@ -260,11 +270,36 @@ def read_file(source: Source, wanted: dict[str, Kind]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for name, kind in wanted.items():
         column = table.column(name).combine_chunks()
-        if kind == "number":
-            out[name] = _numbers(source, name, column)
-        else:
-            out[name] = column.cast(pa.string()).to_numpy(zero_copy_only=False)
+        out[name] = (
+            _numbers(source, name, column) if kind == "number" else _tokens(source, name, column, kind)
+        )
     return out
+
+
+def _tokens(source: Source, name: str, column: pa.Array, kind: Kind) -> np.ndarray:
+    """A column as strings; an id column must not hold a NUL byte (numpy would strip a trailing
+    one, merging ``u1\\0`` into ``u1``)."""
+    what = "an id" if kind == "id" else "a feature"
+    try:
+        strings = None if pa.types.is_nested(column.type) else column.cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        strings = None
+    if strings is None:
+        raise DataError(
+            f"column {name!r} holds {column.type} values: {what} column must be a scalar (string or integer)",
+            file=str(source.path),
+        )
+    if kind == "id":
+        nul = np.flatnonzero(
+            pc.fill_null(pc.match_substring(strings, "\x00"), False).to_numpy(zero_copy_only=False)
+        )
+        if len(nul):
+            row = int(nul[0])
+            raise DataError(
+                f"{source.at(row)}, column {name!r}: id {strings[row].as_py()!r} holds a NUL byte; remove it",
+                file=str(source.path),
+            )
+    return strings.to_numpy(zero_copy_only=False)
 
 
 def _first_non_utf8_line(path: Path) -> int:
@@ -449,7 +484,7 @@ def _side(
     source = resolve(spec, key, base, mapping_file)
     id_name = spec.key or id_column
     features = spec.features()
-    wanted: dict[str, Kind] = {id_name: "token", **{f.column: "token" for f in features.values()}}
+    wanted: dict[str, Kind] = {**{f.column: "token" for f in features.values()}, id_name: "id"}
     data = read_file(source, wanted)
     ids = data[id_name].astype(str)
     uniques, first, counts = np.unique(ids, return_index=True, return_counts=True)
@@ -483,6 +518,58 @@ def _labels(values: np.ndarray, rule: LabelRule, source: Source, column: str) ->
     return values.astype(np.float32)
 
 
+def _distinct_rows(data: dict[str, np.ndarray], source: Source, mapping: ImportMapping) -> np.ndarray:
+    """The rows to import, in file order: all, or with ``duplicates: drop`` the first of each set
+    of rows equal in every column read (they would be the same interaction twice)."""
+    codes = np.stack(
+        [np.unique(values, return_inverse=True)[1].reshape(-1) for values in data.values()], axis=1
+    )
+    first = np.sort(np.unique(codes, axis=0, return_index=True)[1])
+    count = len(codes) - len(first)
+    if count == 0 or mapping.duplicates == "keep":
+        if count:
+            log(f"{mapping.name}: kept {count} duplicate row(s) of {source.path} (duplicates: keep)")
+        return np.arange(len(codes))
+    log(
+        f"{mapping.name}: warning: {count} of {len(codes)} rows of {source.path} repeat an earlier row in every "
+        "mapped column: dropped (set duplicates: keep to keep them)"
+    )
+    return first
+
+
+def _check_splits(built: Built, mapping: ImportMapping, inter: Source, mapping_path: Path) -> None:
+    """Refuse a split nothing can be trained or evaluated on; warn where only the AUC will suffer."""
+    if built.tables["seq_train"].num_rows == 0:
+        raise DataError(
+            f"the sequence view would be empty: all {built.counts['raw_users']} users have fewer than "
+            f"{MIN_SEQUENCE} interactions (leave-one-out needs a train item, a valid and a test target each)",
+            file=str(inter.path),
+        )
+    if "ctr" not in built.views:
+        return
+    for table, fraction in zip(CTR_TABLES, mapping.split.fractions, strict=True):
+        split = table.removeprefix("ctr_")
+        labels = built.tables[table].column("label")
+        if len(labels) == 0:
+            raise DataError(
+                f"the ctr {split} split is empty ({fraction:g} of {built.counts['raw_interactions']} rows); "
+                "raise its fraction or import more rows",
+                file=str(mapping_path),
+                key="split.fractions",
+            )
+        classes = pc.unique(labels)
+        if len(classes) > 1:
+            continue
+        only = f"every label of the ctr {split} split of {inter.path.name} is {classes[0].as_py():g}"
+        if split == "train":
+            raise DataError(
+                f"{only}: there is nothing to learn and AUC is undefined; change the label rule",
+                file=str(mapping_path),
+                key="label",
+            )
+        log(f"{mapping.name}: warning: {only}: its AUC will be NaN")
+
+
 def import_dataset(mapping_path: Path, root: Path | None = None) -> Imported:
     """Read the mapping and its files, build both views and write ``<root>/<name>/`` atomically."""
     mapping_path = Path(mapping_path)
@@ -496,10 +583,9 @@ def import_dataset(mapping_path: Path, root: Path | None = None) -> Imported:
     base = mapping_path.parent
     inter = resolve(mapping.interactions, "interactions", base, mapping_path)
     roles = mapping.columns
-    wanted: dict[str, Kind] = {roles.user: "token", roles.item: "token"}
+    wanted: dict[str, Kind] = {roles.user: "id", roles.item: "id"}
     if roles.timestamp is not None:
         wanted[roles.timestamp] = "number"
-    label_column = None
     label_column = mapping.label_column
     if label_column is not None:
         wanted[label_column] = "number"
@@ -510,6 +596,10 @@ def import_dataset(mapping_path: Path, root: Path | None = None) -> Imported:
     labels = None
     if mapping.label is not None and label_column is not None:
         labels = _labels(data[label_column], mapping.label, inter, label_column)
+    # After the label check, whose messages give line numbers of the file as it is.
+    rows = _distinct_rows(data, inter, mapping)
+    data = {name: values[rows] for name, values in data.items()}
+    labels = labels[rows] if labels is not None else None
 
     built = build_interactions(
         mapping.name,
@@ -521,6 +611,7 @@ def import_dataset(mapping_path: Path, root: Path | None = None) -> Imported:
         user_features=user_features,
         item_features=item_features,
     )
+    _check_splits(built, mapping, inter, mapping_path)
     files = [mapping_path] + [s.path for s in (inter, user_source, item_source) if s is not None]
     digests = {f.name: sha256_file(f) for f in files}
     source = {

@@ -8,14 +8,21 @@ and fixed-size list columns (vectors) as ``rows x dim`` arrays.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lance
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from rex.config.errors import DataError
 
@@ -149,6 +156,26 @@ def _rebuild_hint(path: Path) -> str:
     return f"rebuild it with `rex data prepare {path.parent.name} --force`"
 
 
+@contextlib.contextmanager
+def _lance_failures(path: Path, what: str) -> Iterator[None]:
+    """Turn any failure of the Lance calls inside into a DataError: ``<path>: <what> (why); fix``."""
+    try:
+        with _without_panic_reports():
+            yield
+    except BaseException as exc:
+        _reraise_interrupts(exc)
+        raise DataError(f"{path}: {what} ({_first_line(exc)}); {_rebuild_hint(path)}") from exc
+
+
+def _open(path: Path) -> tuple[lance.LanceDataset, list[str]]:
+    """The table at ``path`` and its column names."""
+    if not path.exists():
+        raise DataError(f"{path}: table missing; run `rex data prepare {path.parent.name}`")
+    with _lance_failures(path, "cannot open table"):
+        dataset = lance.dataset(str(path))
+        return dataset, dataset.schema.names
+
+
 def read_columns(path: Path, columns: list[str]) -> dict[str, Column]:
     """Read ``columns`` of the Lance table at ``path`` into numpy.
 
@@ -157,26 +184,34 @@ def read_columns(path: Path, columns: list[str]) -> dict[str, Column]:
     (missing table, missing column, unreadable files) is a :class:`DataError` naming the path.
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: table missing; run `rex data prepare {path.parent.name}`")
-    try:
-        dataset = lance.dataset(str(path))
-        names = dataset.schema.names
-    except BaseException as exc:
-        _reraise_interrupts(exc)
-        raise DataError(f"{path}: cannot open table ({_first_line(exc)}); {_rebuild_hint(path)}") from exc
+    dataset, names = _open(path)
     missing = [c for c in columns if c not in names]
     if missing:
         raise DataError(
             f"{path}: no column {', '.join(missing)} (columns: {', '.join(names)}); {_rebuild_hint(path)}"
         )
-    try:
+    with _lance_failures(path, "cannot read table"):
         # One column at a time: the Arrow copy of a column is freed once it is numpy, so reading
         # holds the data plus one column, not the data twice.
         return {name: _to_numpy(dataset.to_table(columns=[name]).column(name)) for name in columns}
-    except BaseException as exc:
-        _reraise_interrupts(exc)
-        raise DataError(f"{path}: cannot read table ({_first_line(exc)}); {_rebuild_hint(path)}") from exc
+
+
+def column_maxima(path: Path, columns: list[str]) -> tuple[int, dict[str, Any]]:
+    """The row count of the Lance table at ``path`` and the largest value of each of ``columns``
+    that it has (of the elements, for a list column; None where there are none).
+
+    Failures are :class:`DataError` s as in :func:`read_columns`.
+    """
+    path = Path(path)
+    dataset, names = _open(path)
+    maxima: dict[str, Any] = {}
+    with _lance_failures(path, "cannot read table"):
+        for name in (c for c in columns if c in names):
+            values = dataset.to_table(columns=[name]).column(name)
+            if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+                values = pc.list_flatten(values)
+            maxima[name] = pc.max(values).as_py()
+        return dataset.count_rows(), maxima
 
 
 def _to_numpy(column: pa.ChunkedArray) -> Column:
@@ -197,6 +232,39 @@ def vector_column(vectors: np.ndarray) -> pa.FixedSizeListArray:
     if matrix.ndim != 2:
         raise ValueError(f"expected a rows x dim array, got shape {matrix.shape}")
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
+
+
+# One thread at a time redirects stderr, so each restores the descriptor it found.
+_STDERR_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _without_panic_reports() -> Iterator[None]:
+    """Keep the report of a Rust panic in the calls inside off stderr; anything else is let through.
+
+    A damaged file can make a Lance thread panic. Rust's panic hook writes a multi-line report
+    (``thread '...' panicked at ...``, a backtrace with RUST_BACKTRACE=1) straight to file
+    descriptor 2, before the panic becomes the Python exception whose message our DataError
+    carries. So stderr is captured for the call and dropped if it holds a panic report; with
+    ``REX_DEBUG=1``, which asks for tracebacks, it is left alone.
+    """
+    if os.environ.get("REX_DEBUG") == "1":
+        yield
+        return
+    with _STDERR_LOCK, tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read()
+            if text and b"panicked at" not in text:
+                os.write(2, text)
 
 
 def _reraise_interrupts(exc: BaseException) -> None:

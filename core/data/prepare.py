@@ -24,7 +24,15 @@ from rex.data.datasets.amazon import BeautyParams
 from rex.data.datasets.movielens import Ml100kParams
 from rex.data.lance_io import swap_into_place, write_table
 from rex.data.mirror import RawSource, fetch, log
-from rex.data.schema import SCHEMA_FILE, DatasetSchema, data_hash, load_schema, save_schema
+from rex.data.schema import (
+    SCHEMA_FILE,
+    DatasetSchema,
+    check_tables,
+    data_hash,
+    load_schema,
+    rebuild_hint,
+    save_schema,
+)
 
 __all__ = [
     "DATASETS",
@@ -88,13 +96,38 @@ def validate_params(name: str, model: type[Params], raw: Any, file: str) -> Para
 # entry points
 
 
-def _lookup(name: str) -> DatasetDef:
+def _lookup(name: str, directory: Path | None = None) -> DatasetDef:
+    """The built-in dataset ``name``; ``directory``, where given, is where it would be prepared,
+    so that an imported dataset found there is told apart from a misspelt name."""
     try:
         return DATASETS[name]
     except KeyError:
+        if directory is not None:
+            _refuse_imported(name, directory)
         close = difflib.get_close_matches(name, list(DATASETS), n=1, cutoff=0.5)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise DataError(f"unknown dataset {name!r}{hint}; known: {', '.join(DATASETS)}") from None
+
+
+def _refuse_imported(name: str, directory: Path) -> None:
+    """Raise how to rebuild ``directory`` if it holds a dataset made by ``rex data import``.
+
+    Only a built-in dataset can be prepared; an imported one is rebuilt from its mapping, which
+    its schema.json records and whose ``name:`` is the directory's name.
+    """
+    schema_file = directory / SCHEMA_FILE
+    if schema_file.is_file():
+        schema = load_schema(directory)
+        if schema.source.get("import"):
+            raise DataError(
+                f"{name!r} was imported, not prepared: {rebuild_hint(schema)}", file=str(schema_file)
+            )
+    elif any(directory.glob("*.lance")):
+        raise DataError(
+            f"missing; {name!r} is not a built-in dataset, so the tables beside it came from `rex data "
+            f"import`: re-import them with `rex data import MAPPING` (the mapping whose name is {name})",
+            file=str(schema_file),
+        )
 
 
 def _is_current(directory: Path, schema: DatasetSchema, params: dict[str, Any], source: RawSource) -> bool:
@@ -106,17 +139,35 @@ def _is_current(directory: Path, schema: DatasetSchema, params: dict[str, Any], 
     )
 
 
+def _pid_gone(leftover: Path) -> bool:
+    """Whether the process whose pid ends ``leftover``'s name (``...-<pid>``) has exited."""
+    pid = leftover.name.rsplit("-", 1)[-1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 def _remove_stale(root: Path, name: str) -> None:
-    """Delete build directories left by killed ``prepare`` runs (their pid is gone)."""
+    """Delete what killed writes of ``name`` left (their pid is gone): build directories, and
+    previous directories that a swap renamed away (``<name>.old-<pid>``), which a kill during
+    their deletion leaves half deleted.
+
+    An old directory is only deleted while ``<name>`` is in place: a kill between the swap's two
+    renames leaves it as the one complete copy.
+    """
     for leftover in root.glob(f".{name}.tmp-*"):
-        pid = leftover.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                shutil.rmtree(leftover, ignore_errors=True)
-            except PermissionError:
-                pass
+        if _pid_gone(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+    if (root / name).is_dir():
+        for old in root.glob(f"{name}.old-*"):
+            if _pid_gone(old):
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def write_dataset(
@@ -164,15 +215,17 @@ def prepare_dataset(
     missing keys take the defaults. An existing directory built from the same source, params
     and prepare version is reused unless ``force``.
     """
-    definition = _lookup(name)
+    root = Path(root) if root is not None else data_root()
+    out = root / name
+    definition = _lookup(name, out)
+    # Also when the dataset is up to date: nothing else would ever clear them.
+    _remove_stale(root, name)
     if params is None:
         raw_params, params_file = load_params().get(name), PARAMS_FILE
     else:
         raw_params, params_file = params, "params"
     validated = validate_params(name, definition.params, raw_params, params_file)
     used = validated.model_dump(mode="json")
-    root = Path(root) if root is not None else data_root()
-    out = root / name
 
     if not force and (out / "schema.json").is_file():
         try:
@@ -180,6 +233,7 @@ def prepare_dataset(
         except DataError:
             existing = None
         if existing is not None and _is_current(out, existing, used, definition.source):
+            check_tables(out, existing)
             log(f"{name}: up to date at {out}")
             return existing
 
@@ -213,6 +267,7 @@ def ensure_dataset(name: str, root: Path | None = None) -> Path:
     """
     directory = (Path(root) if root is not None else data_root()) / name
     if name not in DATASETS and (directory / SCHEMA_FILE).is_file():
+        check_tables(directory, load_schema(directory))
         return directory
     prepare_dataset(name, root=root)
     return directory
@@ -222,8 +277,9 @@ def dataset_info(name: str, root: Path | None = None) -> str:
     """A text summary of a prepared dataset: source, sizes, counts, views and fields."""
     directory = (Path(root) if root is not None else data_root()) / name
     if not (directory / SCHEMA_FILE).is_file():
-        _lookup(name)
+        _lookup(name, directory)
     schema = load_schema(directory)
+    check_tables(directory, schema)
     lines = [
         f"{schema.name} (prepare v{schema.version}, protocol {schema.protocol}) at {directory}",
         f"  data hash  {data_hash(directory)[:16]}",

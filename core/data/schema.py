@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from rex.config.base import Strict
 from rex.config.errors import DataError
+from rex.data.lance_io import column_maxima
 
 SCHEMA_FILE = "schema.json"
 
@@ -102,6 +103,54 @@ def load_schema(directory: Path) -> DatasetSchema:
             f"rebuild with `rex data prepare {directory.name} --force`",
             file=str(path),
         ) from exc
+
+
+def rebuild_hint(schema: DatasetSchema) -> str:
+    """How to rebuild a dataset: an imported one from its recorded mapping, a built-in one by prepare."""
+    mapping = schema.source.get("import")
+    if mapping:
+        return f"re-import it with `rex data import {mapping}` (the mapping recorded in schema.json)"
+    return f"rebuild it with `rex data prepare {schema.name} --force`"
+
+
+def check_tables(directory: Path, schema: DatasetSchema) -> None:
+    """Check that ``<directory>/schema.json`` describes the tables beside it.
+
+    Each table must have the rows the schema records, and every user and item id must be below
+    ``num_users`` / ``num_items``: models size their embedding tables by those, so a schema that
+    does not belong to its tables would otherwise fail mid-training with an IndexError. Only the
+    id columns are read.
+    """
+    directory = Path(directory)
+    bounds: dict[str, dict[str, tuple[str, int]]] = {}  # table -> id column -> (size name, size)
+    for view in schema.views.values():
+        for name, spec in view.fields.items():
+            if spec.role == "user":
+                bound = ("num_users", schema.num_users)
+            elif spec.role == "item" or spec.vocab_of == "item":
+                bound = ("num_items", schema.num_items)
+            else:
+                continue
+            for table in view.tables.values():
+                bounds.setdefault(table, {})[name] = bound
+    path = str(directory / SCHEMA_FILE)
+    for table, recorded in schema.tables.items():
+        columns = bounds.get(table, {})
+        rows, maxima = column_maxima(directory / f"{table}.lance", list(columns))
+        if rows != recorded:
+            raise DataError(
+                f"records {recorded:,} rows for table {table} but {table}.lance has {rows:,}: the schema "
+                f"does not belong to these tables; {rebuild_hint(schema)}",
+                file=path,
+            )
+        for name, largest in maxima.items():
+            size_name, size = columns[name]
+            if largest is not None and largest >= size:
+                raise DataError(
+                    f"{size_name} is {size} but {table}.lance column {name!r} holds id {largest}: the "
+                    f"schema does not belong to these tables; {rebuild_hint(schema)}",
+                    file=path,
+                )
 
 
 def data_hash(directory: Path) -> str:
