@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import yaml
 
@@ -379,3 +380,16 @@ def test_info_and_ensure(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         DataError, match=r"schema.json: dataset schema missing; run `rex data prepare ml-100k`"
     ):
         dataset_info("ml-100k", root=root / "elsewhere")
+
+
+def test_repeat_rate_counts_targets_already_in_the_history(tmp_path, data_home):
+    from rex.data.lance_io import write_table
+    from rex.data.prepare import dataset_info, repeated_targets
+
+    table = tmp_path / "seq_test.lance"
+    history = pa.array([[1, 2, 3], [4], [], [6, 6]], type=pa.list_(pa.int64()))
+    write_table(table, pa.table({"history": history, "target": pa.array([2, 5, 7, 6])}))
+    assert repeated_targets(table) == (2, 4)  # rows 0 and 3; a repeat inside the history is one row
+    # Beauty has none; data info says so for each evaluation split.
+    info = dataset_info("beauty", root=data_home)
+    assert info.count("repeat rate 0.00% (0 targets already in the history)") == 2

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from pydantic import ValidationError
 
@@ -22,7 +23,7 @@ from rex.config.errors import DataError
 from rex.data.build import DATASETS, Built, DatasetDef, Params
 from rex.data.datasets.amazon import BeautyParams
 from rex.data.datasets.movielens import Ml100kParams
-from rex.data.lance_io import swap_into_place, write_table
+from rex.data.lance_io import RaggedColumn, read_columns, swap_into_place, write_table
 from rex.data.mirror import RawSource, fetch, log
 from rex.data.schema import (
     SCHEMA_FILE,
@@ -293,9 +294,26 @@ def dataset_info(name: str, root: Path | None = None) -> str:
         protocol = f", protocol {view.protocol}" if view.protocol else ""
         lines.append(f"  view {view_name}{protocol}")
         for split, table in view.tables.items():
-            lines.append(f"    {split:<6} {table} ({schema.tables.get(table, 0):,} rows)")
+            line = f"    {split:<6} {table} ({schema.tables.get(table, 0):,} rows)"
+            if view.protocol == "leave_one_out" and split != "train" and view_name == "sequence":
+                repeats, rows = repeated_targets(directory / f"{table}.lance")
+                line += (
+                    f", repeat rate {repeats / max(rows, 1):.2%} ({repeats:,} targets already in the history)"
+                )
+            lines.append(line)
         for field_name, spec in view.fields.items():
             extra = f" vocab {spec.vocab_size}" if spec.vocab_size is not None else ""
             extra += f" (shares {spec.vocab_of})" if spec.vocab_of else ""
             lines.append(f"    field {field_name}: {spec.kind}, role {spec.role or '-'}{extra}")
     return "\n".join(lines)
+
+
+def repeated_targets(table: Path) -> tuple[int, int]:
+    """How many rows of a ``history``/``target`` table have a target already in their history,
+    and how many rows there are. Masking the history at evaluation makes those certain misses."""
+    columns = read_columns(table, ["history", "target"])
+    history, target = columns["history"], np.asarray(columns["target"])
+    assert isinstance(history, RaggedColumn)
+    rows = np.repeat(np.arange(len(history)), history.lengths())
+    hit = history.values == target[rows]
+    return int((np.bincount(rows[hit], minlength=len(history)) > 0).sum()), len(history)
