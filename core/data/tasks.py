@@ -18,12 +18,12 @@ from torch import Tensor
 
 from rex.config.errors import RecipeError
 from rex.config.registry import entries, register
-from rex.data.datamodule import RexDataModule, column, compact_tensor
 from rex.data.lance_io import RaggedColumn, read_columns
 from rex.data.loader import Column, Ragged
 
 if TYPE_CHECKING:
     from rex.config.schema import Recipe
+    from rex.data.datamodule import RexDataModule
 
 Transform = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 RANKING = tuple(f"{m}@{k}" for m in ("recall", "ndcg", "mrr") for k in (5, 10, 20))
@@ -91,6 +91,9 @@ class NextItemTask(Task):
             )
 
     def columns(self, data: RexDataModule, split: str) -> dict[str, Column]:
+        # Imported here: the data module pulls in Lightning, which `rex list` need not pay for.
+        from rex.data.datamodule import column, compact_tensor
+
         if split != "train":
             return data.read(split, ["user", "history", "target"])
         raw = read_columns(data.table(split), ["user", "items"])
