@@ -68,12 +68,22 @@ def train(
 
 
 @app.command("eval")
-def evaluate(target: Annotated[Path, typer.Argument(help="run folder or .ckpt file")]) -> None:
-    """Test metrics of a finished run's best checkpoint (does not touch metrics.json)."""
+def evaluate(
+    target: Annotated[Path, typer.Argument(help="run folder or .ckpt file")],
+    record: Annotated[
+        bool,
+        typer.Option(
+            "--record",
+            help="write the result into the run's metrics.json as its test result, keeping the one it "
+            "replaces (to re-test runs after an evaluation fix)",
+        ),
+    ] = False,
+) -> None:
+    """Test metrics of a finished run's best checkpoint (metrics.json is untouched unless --record)."""
     from rex.engine.train import evaluate as run_eval
 
-    results = run_eval(target)
-    table = Table(title=f"test metrics · {target}")
+    results = run_eval(target, record)
+    table = Table(title="test metrics")  # the checkpoint's path is printed above it
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in results.items():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rex.config.errors import RecipeError
+from rex.config.errors import RecipeError, RexError
 from rex.config.recipe import load_recipe
 from rex.engine.build import build_run
 from rex.engine.runs import load_checkpoint
@@ -81,8 +81,26 @@ def test_stages_run_in_order_with_init_from_freeze_and_exports(staged, data_home
     assert evaluate(run_dir) == pytest.approx(final["test"], abs=1e-6)
     pretrain_test = json.loads((run_dir / "pretrain" / "metrics.json").read_text())["test"]
     assert evaluate(run_dir / "pretrain") == pytest.approx(pretrain_test, abs=1e-6)
+    _record_retest_updates_every_record_of_the_stage(run_dir)
     resolved = load_recipe(run_dir / "finetune" / "recipe.yaml").recipe
     assert resolved.optimizer == {"_component_": "optim/adamw", "lr": 5.0e-4, "weight_decay": 0.01}
+
+
+def _record_retest_updates_every_record_of_the_stage(run_dir: Path) -> None:
+    # An evaluator fix re-tests finished runs: `rex eval --record` replaces the last stage's test
+    # result in its metrics.json, stages.json and the run's metrics.json, and keeps the old one.
+    stage_file, top_file = run_dir / "finetune" / "metrics.json", run_dir / "metrics.json"
+    stale = {**json.loads(stage_file.read_text()), "test": {"ndcg@10": -1.0}}
+    stage_file.write_text(json.dumps(stale))
+    tested = evaluate(run_dir, record=True)
+    stage = json.loads(stage_file.read_text())
+    assert stage["test"] == tested and stage["retests"][0]["replaced"] == {"ndcg@10": -1.0}
+    assert isinstance(stage["retests"][0]["exclude_history"], bool)
+    assert json.loads((run_dir / "stages.json").read_text())["stages"]["finetune"]["test"] == tested
+    top = json.loads(top_file.read_text())
+    assert top["test"] == tested and top["stages"]["finetune"] == tested
+    with pytest.raises(RexError, match="--record takes a run folder"):
+        evaluate(run_dir / "finetune" / "checkpoints" / "last.ckpt", record=True)
 
 
 def test_init_from_copies_exactly_the_mapped_tensors(staged, data_home):

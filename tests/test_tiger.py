@@ -105,8 +105,9 @@ def _pairs(sequences: Tensor) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def _brute_force(model: torch.nn.Module, codes: Tensor, history: Tensor, exclude: bool) -> Tensor:
-    """(B, N) summed code log-probs of every item (column 0 = padding, -inf), history -inf if ``exclude``."""
+def _brute_force(model: torch.nn.Module, codes: Tensor, history: Tensor, seen: Tensor | None) -> Tensor:
+    """(B, N) summed code log-probs of every item given ``history`` (column 0 = padding, -inf), the
+    items of ``seen`` -inf."""
     state = model.start(history)
     b, items = len(history), codes[1:]
     total = torch.zeros(b, len(items))
@@ -115,8 +116,8 @@ def _brute_force(model: torch.nn.Module, codes: Tensor, history: Tensor, exclude
         log_probs = model.next_code_log_probs(state, prefixes)  # (B, N, K_t)
         total += log_probs.gather(2, items[None, :, t, None].expand(b, -1, 1)).squeeze(2)
     scores = torch.cat([torch.full((b, 1), -torch.inf), total], dim=1)
-    if exclude:
-        scores.scatter_(1, history, -torch.inf)
+    if seen is not None:
+        scores.scatter_(1, seen, -torch.inf)
     return scores
 
 
@@ -130,8 +131,10 @@ def test_exact_beam_search_equals_brute_force_enumeration(beauty: dict[str, Tens
     codes, history = beauty["codes"], beauty["histories"]
     model = _tiger(codes, seed=1).eval()
     trie = CodeTrie(codes)
-    items, scores, generated = beam_search(model, trie, history, beam=ITEMS, exclude_history=exclude)
-    expected = _brute_force(model, codes, history, exclude)
+    items, scores, generated = beam_search(
+        model, trie, history, beam=ITEMS, seen=history if exclude else None
+    )
+    expected = _brute_force(model, codes, history, history if exclude else None)
     for row in range(len(history)):
         allowed = int(torch.isfinite(expected[row]).sum())
         order = torch.argsort(expected[row], descending=True, stable=True)[:allowed]
@@ -146,8 +149,8 @@ def test_exact_beam_search_equals_brute_force_enumeration(beauty: dict[str, Tens
 def test_narrow_beam_is_valid_unique_history_free_and_sorted(beauty: dict[str, Tensor]) -> None:
     codes, history = beauty["codes"], beauty["histories"]
     model = _tiger(codes, seed=2).eval()
-    items, scores, generated = beam_search(model, CodeTrie(codes), history, beam=5, exclude_history=True)
-    expected = _brute_force(model, codes, history, exclude=True)
+    items, scores, generated = beam_search(model, CodeTrie(codes), history, beam=5, seen=history)
+    expected = _brute_force(model, codes, history, history)
     assert items.shape == (len(history), 5) and bool((items > 0).all())
     torch.testing.assert_close(generated, codes[items])  # each beam's tuple is its item's
     assert all(len(set(row.tolist())) == 5 for row in items)
@@ -184,12 +187,12 @@ def test_prefix_whose_items_are_all_in_the_history_is_pruned() -> None:
     codes = torch.tensor([[-1, -1], [0, 0], [0, 1], [0, 2], [1, 0], [2, 0]])
     history = torch.tensor([[0, 1, 2, 3], [0, 0, 2, 3], [0, 1, 1, 2]])
     model, trie = _Fixed(codes), CodeTrie(codes)
-    items, scores, _ = beam_search(model, trie, history, beam=1, exclude_history=True)
+    items, scores, _ = beam_search(model, trie, history, beam=1, seen=history)
     assert items.tolist() == [[4], [1], [3]] and bool(torch.isfinite(scores).all())
-    items, _, _ = beam_search(model, trie, history, beam=1, exclude_history=False)
+    items, _, _ = beam_search(model, trie, history, beam=1, seen=None)
     assert items.tolist() == [[1], [1], [1]]
     # Fewer allowed items than beams: the other slots are empty (item 0, score -inf).
-    items, scores, _ = beam_search(model, trie, history, beam=4, exclude_history=True)
+    items, scores, _ = beam_search(model, trie, history, beam=4, seen=history)
     assert items.tolist() == [[4, 5, 0, 0], [1, 4, 5, 0], [3, 4, 5, 0]]
     assert torch.isinf(scores[0, 2:]).all() and torch.isfinite(scores[1, :3]).all()
 
@@ -290,7 +293,7 @@ def test_evaluator_ranks_by_beams_and_reports_clean_beams(beauty: dict[str, Tens
     evaluator.update(model, batch)
     out = evaluator.compute()
     # Exact search (beam >= items): the metrics are those of the brute-force ranks.
-    scores = _brute_force(model, codes, _trim(batch["history"]), exclude=False)
+    scores = _brute_force(model, codes, _trim(batch["history"]), None)
     target_score = scores.gather(1, batch["target"][:, None])
     ranks = (scores > target_score).sum(1)
     assert out["recall@5"] == pytest.approx(float((ranks < 5).float().mean()))
@@ -300,6 +303,28 @@ def test_evaluator_ranks_by_beams_and_reports_clean_beams(beauty: dict[str, Tens
     evaluator.reset()
     evaluator.update(model, batch)
     assert evaluator.compute() == out
+
+
+def test_evaluator_excludes_the_whole_history_not_only_the_window(beauty: dict[str, Tensor]) -> None:
+    # The model reads its last 3 items; the items before that window must still never be ranked.
+    codes, histories = beauty["codes"], beauty["histories"]
+    seen, target = histories[:, :-1], histories[:, -1]
+    keep = ~(seen == target[:, None]).any(dim=1)  # no repeated target: it would be a certain miss
+    seen, target = seen[keep], target[keep]
+    window = seen[:, -3:]
+    assert bool(((seen[:, :-3] > 0) & ~(seen[:, :-3, None] == window[:, None, :]).any(-1)).any())
+    model = _tiger(codes, seed=4).eval()
+    evaluator = build(
+        {"_component_": "eval/generative", "beam": ITEMS},
+        "eval.evaluator",
+        {"metrics": ["mrr@200"], "exclude_history": True},
+    )
+    evaluator.update(model, {"history": window, "seen": seen, "target": target})
+    scores = _brute_force(model, codes, window, seen)
+    ranks = (scores > scores.gather(1, target[:, None])).sum(1)
+    assert evaluator.compute()["mrr@200"] == pytest.approx(float((1.0 / (ranks + 1)).mean()), rel=1e-5)
+    items, _, _ = beam_search(model, CodeTrie(codes), window, beam=ITEMS, seen=seen)
+    assert not bool(((items[:, :, None] == seen[:, None, :]) & (items[:, :, None] > 0)).any())
 
 
 def test_evaluator_counts_invalid_and_duplicate_beams() -> None:

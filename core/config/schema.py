@@ -75,7 +75,12 @@ class EvalConfig(Strict):
     )
     metrics: list[str] | None = None
     monitor: str | None = Field(None, description="validation metric used for model selection")
-    exclude_history: bool = Field(True, description="next_item: never rank items already in the history")
+    exclude_history: bool | None = Field(
+        None,
+        description="next_item: never rank an item of the user's whole training history. Default: "
+        "true where no evaluation target repeats an item of its history; false where some do, "
+        "since masking makes those certain misses (set it to choose)",
+    )
     batch_size: int = Field(1024, ge=1)
 
     @field_validator("metrics")

@@ -73,7 +73,8 @@ class ClickTask(Task):
 @register("task/next_item")
 class NextItemTask(Task):
     """Next-item prediction under leave-one-out: training sequences supervise every position;
-    evaluation rows are a ``history`` and its held-out ``target``."""
+    evaluation rows are a ``history`` (the model's last ``max_len`` items), its held-out
+    ``target``, and ``seen``, the whole history, which the evaluator excludes from the ranking."""
 
     view = "sequence"
     evaluator = "eval/ranking"
@@ -95,7 +96,9 @@ class NextItemTask(Task):
         from rex.data.datamodule import column, compact_tensor
 
         if split != "train":
-            return data.read(split, ["user", "history", "target"])
+            columns = data.read(split, ["user", "history", "target"])
+            columns["seen"] = whole_lists(columns["history"])
+            return columns
         raw = read_columns(data.table(split), ["user", "items"])
         items = raw.pop("items")
         assert isinstance(items, RaggedColumn)
@@ -120,6 +123,13 @@ class NextItemTask(Task):
         """One per position with a next item (every position is supervised), as the benchmarks
         count them."""
         return int((batch["targets"] > 0).sum())
+
+
+def whole_lists(lists: Column) -> Ragged:
+    """The same lists served whole: ``gather`` returns every id, not the last ``max_len``."""
+    assert isinstance(lists, Ragged)
+    longest = int((lists.offsets[1:] - lists.offsets[:-1]).max()) if len(lists) else 0
+    return Ragged(lists.values[lists.max_len :], lists.offsets, max(longest, 1))
 
 
 def next_item_pairs(batch: dict[str, Tensor]) -> dict[str, Tensor]:

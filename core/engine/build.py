@@ -13,7 +13,7 @@ from rex.config.errors import RecipeError, RexError
 from rex.config.registry import build, load_plugins
 from rex.config.schema import Recipe
 from rex.data.datamodule import RexDataModule
-from rex.data.prepare import ensure_dataset
+from rex.data.prepare import ensure_dataset, repeated_targets
 from rex.data.schema import data_hash
 from rex.engine.module import RexModule, WeightedLoss
 from rex.engine.optim import check_optimizer, check_scheduler, default_optimizer, freeze
@@ -30,6 +30,45 @@ class Built:
     data_hash: str
     skipped_losses: list[str] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
+    history_masking: HistoryMasking | None = None
+
+
+@dataclass(frozen=True)
+class HistoryMasking:
+    """``eval.exclude_history`` as a run applies it, and why: the recipe's own setting
+    (``chosen``) or the default for its data, which depends on the evaluation targets that repeat
+    an item of their history (``repeats`` of ``rows``)."""
+
+    exclude: bool
+    chosen: bool
+    repeats: int
+    rows: int
+
+    def notice(self) -> str | None:
+        """What to tell the user when the default decided on data with repeats."""
+        if self.chosen or not self.repeats:
+            return None
+        return (
+            f"eval.exclude_history defaults to false here: {self.repeats:,} of {self.rows:,} "
+            "evaluation targets repeat an item of their history, which masking would make certain "
+            "misses; set eval.exclude_history in the recipe to choose"
+        )
+
+
+def history_masking(recipe: Recipe, datamodule: RexDataModule) -> HistoryMasking | None:
+    """How the evaluation splits' history is masked, for views whose rows hold a ``history`` and
+    a ``target`` (None for other views, where the setting does not apply)."""
+    fields = datamodule.view.fields
+    if "history" not in fields or "target" not in fields:
+        return None
+    repeats = rows = 0
+    for split in ("valid", "test"):
+        if split in datamodule.view.tables:
+            split_repeats, split_rows = repeated_targets(datamodule.table(split))
+            repeats, rows = repeats + split_repeats, rows + split_rows
+    chosen = recipe.eval.exclude_history
+    exclude = chosen if chosen is not None else repeats == 0
+    return HistoryMasking(exclude, chosen is not None, repeats, rows)
 
 
 def build_run(
@@ -50,12 +89,13 @@ def build_run(
     datamodule = RexDataModule(recipe, dataset_dir, seed, extra_context)
     load_plugins(recipe.plugins)
     context = datamodule.context()
+    masking = history_masking(recipe, datamodule)
     try:
         assert recipe.model is not None and recipe.losses is not None, "validated by Recipe"
         model = build(recipe.model, "model", context)
         outputs = _declared_outputs(model)
         losses, skipped = _build_losses(recipe.losses, context, outputs)
-        evaluator = build(recipe.eval.evaluator, "eval.evaluator", _evaluator_context(recipe))
+        evaluator = build(recipe.eval.evaluator, "eval.evaluator", _evaluator_context(recipe, masking))
         if not isinstance(evaluator, Evaluator):
             raise RecipeError("must be an eval/... component (see `rex list eval`)", key="eval.evaluator")
         _check_reads(evaluator.reads, outputs, "eval.evaluator", "this evaluator")
@@ -79,7 +119,7 @@ def build_run(
     except RecipeError as exc:
         exc.file = exc.file or source
         raise
-    return Built(datamodule, module, data_hash(dataset_dir), skipped, frozen)
+    return Built(datamodule, module, data_hash(dataset_dir), skipped, frozen, masking)
 
 
 def _declared_outputs(model: nn.Module) -> frozenset[str] | None:
@@ -127,5 +167,8 @@ def _build_losses(
     return losses, skipped
 
 
-def _evaluator_context(recipe: Recipe) -> dict[str, Any]:
-    return {"metrics": list(recipe.eval.metrics or []), "exclude_history": recipe.eval.exclude_history}
+def _evaluator_context(recipe: Recipe, masking: HistoryMasking | None) -> dict[str, Any]:
+    context: dict[str, Any] = {"metrics": list(recipe.eval.metrics or [])}
+    if masking is not None:
+        context["exclude_history"] = masking.exclude
+    return context

@@ -39,6 +39,9 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+STAGES_FILE = "stages.json"  # a staged run's record of its finished stages
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 

@@ -38,6 +38,7 @@ from rex.engine.build import Built
 from rex.engine.runs import (
     METRICS_FILE,
     RECIPE_FILE,
+    STAGES_FILE,
     atomic_write_json,
     atomic_write_text,
     load_checkpoint,
@@ -45,7 +46,6 @@ from rex.engine.runs import (
 )
 from rex.engine.train import console, fit_and_test
 
-STAGES_FILE = "stages.json"
 EXPORTS = "exports"
 KEY_METADATA = b"rex.export_key"
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from rex.engine.runs import (
     ENV_FILE,
     METRICS_FILE,
     RECIPE_FILE,
+    STAGES_FILE,
     AtomicCheckpointIO,
     MetricsRecorder,
     atomic_write_json,
@@ -168,6 +171,9 @@ def fit_and_test(
         console.print(
             f"[dim]optional losses skipped (their model outputs are absent): {', '.join(built.skipped_losses)}[/]"
         )
+    notice = built.history_masking.notice() if built.history_masking else None
+    if notice:
+        console.print(notice, style="yellow", markup=False, highlight=False)
     if before_fit is not None and not resume:
         before_fit(built)
     if not resume:
@@ -205,6 +211,8 @@ def fit_and_test(
         "dataset": recipe.data.name,
         "monitor": monitor,
     }
+    if built.history_masking is not None:
+        header["exclude_history"] = built.history_masking.exclude
     recorder = MetricsRecorder(run_dir, header)
     throughput = Throughput(built.datamodule.task.samples)
     callbacks += [recorder, throughput, *extra_callbacks]
@@ -370,8 +378,12 @@ def print_summary(recipe: Recipe, results: list[dict[str, Any]], root: Path) -> 
     out.print(f"run folder: {root}   training wall time: {wall:.0f} s")
 
 
-def evaluate(target: Path) -> dict[str, float]:
-    """``rex eval``: test metrics of a run's best checkpoint (or of a given .ckpt file)."""
+def evaluate(target: Path, record: bool = False) -> dict[str, float]:
+    """``rex eval``: test metrics of a run's best checkpoint (or of a given .ckpt file).
+
+    ``record`` writes them into the run's metrics.json as its test result (after an evaluator
+    fix, say), keeping the result they replace under ``retests``; only a run's own best.ckpt
+    may be recorded."""
     if target.is_file():
         ckpt, run_dir = target, target.parent.parent
     else:
@@ -419,4 +431,36 @@ def evaluate(target: Path) -> dict[str, float]:
         limit_test_batches=recipe.train.limit_eval_batches,
     )
     result = trainer.test(built.module, datamodule=built.datamodule, verbose=False)[0]
-    return {k.removeprefix("test/"): float(v) for k, v in result.items()}
+    tested = {k.removeprefix("test/"): float(v) for k, v in result.items()}
+    if record:
+        if ckpt.name != "best.ckpt":
+            raise RexError(
+                "--record takes a run folder: only its best.ckpt is its test result", file=str(target)
+            )
+        masking = built.history_masking.exclude if built.history_masking else None
+        record_retest(ckpt.parent.parent, tested, masking)
+    return tested
+
+
+def record_retest(run_dir: Path, tested: dict[str, float], exclude_history: bool | None) -> None:
+    """``tested`` becomes ``run_dir``'s test result in metrics.json, the one it replaces kept
+    under ``retests``; a staged run's stages.json, and its top-level metrics.json when this is
+    its last stage, follow."""
+    metrics = read_metrics(run_dir)
+    retest = {"date": datetime.now().isoformat(timespec="seconds"), "replaced": metrics.get("test")}
+    if exclude_history is not None:
+        retest["exclude_history"] = exclude_history
+    metrics["retests"] = [*metrics.get("retests", []), retest]
+    metrics["test"] = tested
+    atomic_write_json(run_dir / METRICS_FILE, metrics)
+    stages_file = run_dir.parent / STAGES_FILE
+    if not stages_file.is_file():
+        return
+    stages = json.loads(stages_file.read_text())
+    stages["stages"][run_dir.name]["test"] = tested
+    atomic_write_json(stages_file, stages)
+    top = read_metrics(run_dir.parent)
+    if list(stages["stages"])[-1] == run_dir.name:
+        top.update(test=tested, retests=metrics["retests"])
+    top["stages"] = {name: entry.get("test") for name, entry in stages["stages"].items()}
+    atomic_write_json(run_dir.parent / METRICS_FILE, top)

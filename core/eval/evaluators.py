@@ -53,9 +53,11 @@ def check_metrics(metrics: list[str], allowed: Sequence[str], evaluator: str) ->
 class RankingEvaluator(Evaluator):
     """Full ranking over every item for next-item prediction (one held-out target per user).
 
-    Reads ``scores`` (B, num_items) for a batch's ``history`` (B, L) and ``target`` (B,).
-    Scores of the padding item, and of the history's items when ``exclude_history`` is set, are
-    masked to -inf. Only the target's rank is kept per user. A batch is scored ``chunk_rows``
+    Reads ``scores`` (B, num_items) for a batch's ``history`` (B, L), the model's window, and
+    ``target`` (B,). Scores of the padding item, and with ``exclude_history`` of every item in
+    ``seen`` (B, S), the user's whole training history however long, are masked to -inf: the
+    protocol excludes the history, not only the part the model reads. Only the target's rank is
+    kept per user. A batch is scored ``chunk_rows``
     users at a time: a (chunk_rows, num_items) score matrix stays in cache while it is masked
     and ranked, which on CPU is several times faster than one matrix for the whole batch, and
     memory is bounded by it whatever the evaluation batch size.
@@ -82,7 +84,7 @@ class RankingEvaluator(Evaluator):
             scores = model(chunk)["scores"].float()
             scores[:, 0] = -torch.inf
             if self.exclude_history:
-                scores.scatter_(1, chunk["history"], -torch.inf)
+                scores.scatter_(1, trim_left_padding(chunk["seen"]), -torch.inf)
             self._num_items = scores.shape[1]
             self._ranks.append(M.target_rank(scores, chunk["target"]).cpu())
 

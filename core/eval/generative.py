@@ -95,21 +95,22 @@ class CodeTrie:
 
 @torch.no_grad()
 def beam_search(
-    model: GenerativeModel, trie: CodeTrie, history: Tensor, beam: int, exclude_history: bool
+    model: GenerativeModel, trie: CodeTrie, history: Tensor, beam: int, seen: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The ``beam`` best valid code tuples per user, best first.
+    """The ``beam`` best valid code tuples per user, best first, given the (B, W) ``history``
+    window and, when the history is excluded, ``seen`` (B, S): every item of it.
 
     Returns ``items`` (B, M) long (0 where a slot is empty: fewer than ``beam`` allowed items),
     ``scores`` (B, M) float, the summed code log-probs (-inf in empty slots), and ``codes``
     (B, M, C) long, the generated tuples; M <= ``beam``. At each level the M live prefixes
     are extended by every code, a code is allowed only if the trie has the child and (with
-    ``exclude_history``) the child still has an item outside the user's history, and the
+    ``seen``) the child still has an item outside ``seen``, and the
     ``beam`` best allowed extensions survive. With ``beam`` >= the number of items, no allowed
     prefix is ever dropped and the result is the exact ranking of every allowed item.
     """
     b, device = len(history), history.device
     state = model.start(history)
-    dead = trie.dead_keys(history) if exclude_history else None
+    dead = trie.dead_keys(seen) if seen is not None else None
     rows = torch.arange(b, device=device)[:, None, None]
     nodes = torch.zeros(b, 1, dtype=torch.long, device=device)
     scores = torch.zeros(b, 1, device=device)
@@ -147,11 +148,12 @@ def _member(keys: Tensor, sorted_keys: Tensor) -> Tensor:
 class GenerativeEvaluator(Evaluator):
     """Ranks by constrained beam search: the target's rank is its position among the beams.
 
-    Batches hold ``history`` (B, W) left-padded ids and ``target`` (B,). The model implements the
+    Batches hold ``history`` (B, W) left-padded ids, the model's window, ``seen`` (B, S), the
+    user's whole history, and ``target`` (B,). The model implements the
     generation protocol of this module; the prefix trie is built from ``model.item_codes``.
     Rows are searched ``chunk_rows`` at a time, grouped by history length.
-    With ``exclude_history`` a tuple of a history item never takes a beam slot, nor does a
-    prefix all of whose items are in the history. A target outside the ``beam`` results is a
+    With ``exclude_history`` a tuple of an item in ``seen`` never takes a beam slot, nor does a
+    prefix all of whose items are in it. A target outside the ``beam`` results is a
     miss, so every cut-off must be at most ``beam``. Besides the ranking metrics (recall, ndcg,
     mrr, hit @k), ``compute`` reports ``invalid_beams`` and ``duplicate_beams``: the share of
     returned beams whose code tuple is no item's, and that repeat an item already returned for
@@ -206,9 +208,8 @@ class GenerativeEvaluator(Evaluator):
         # several times more padding than items.
         for rows in torch.argsort((history != 0).sum(dim=1)).split(self.chunk_rows):
             chunk = trim_left_padding(history[rows])
-            items, scores, codes = beam_search(
-                cast(GenerativeModel, model), trie, chunk, self.beam, self.exclude_history
-            )
+            seen = trim_left_padding(batch["seen"][rows]) if self.exclude_history else None
+            items, scores, codes = beam_search(cast(GenerativeModel, model), trie, chunk, self.beam, seen)
             hit = items == target[rows].to(items.device)[:, None]
             ranks = torch.where(hit.any(dim=1), hit.int().argmax(dim=1), self.beam)
             self._ranks.append(ranks.cpu())
