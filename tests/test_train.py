@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -122,6 +123,23 @@ def test_killed_run_resumes_to_the_same_test_metrics(data_home, tmp_path):
     assert got.keys() == expected.keys()
     for name in expected:
         assert got[name] == pytest.approx(expected[name], abs=1e-6), name
+    # The CSV log keeps the epochs before the kill, and the killed epoch's mean training loss
+    # covers its steps before the kill too, as in the uninterrupted run.
+    straight_losses, resumed_losses = _epoch_losses(straight_dir), _epoch_losses(killed_dir)
+    assert sorted(straight_losses) == sorted(resumed_losses) == [0, 1]
+    for epoch, loss in straight_losses.items():
+        assert resumed_losses[epoch] == pytest.approx(loss, rel=1e-5), epoch
+
+
+def _epoch_losses(run_dir) -> dict[int, float]:
+    """epoch → train/loss_epoch over every CSV log of a run (a resume adds a version)."""
+    losses = {}
+    for log in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        rows = list(csv.DictReader(log.open()))
+        for row in rows:
+            if row.get("train/loss_epoch"):
+                losses[int(row["epoch"])] = float(row["train/loss_epoch"])
+    return losses
 
 
 def test_resume_refuses_a_finished_run_and_a_non_run(tmp_path, data_home):

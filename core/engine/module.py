@@ -46,17 +46,23 @@ class RexModule(L.LightningModule):
         self.monitor = monitor
         self.count_samples = count_samples or (lambda batch: int(next(iter(batch.values())).shape[0]))
         self._last_step_end: float | None = None
+        # The epoch's loss sums as (sum of row-weighted losses, rows), kept by hand rather than by
+        # Lightning's on_epoch logging, which restarts at a resume: they go into checkpoints, so
+        # the epoch mean of a run resumed mid-epoch covers the steps before the kill too.
+        self._epoch_losses: dict[str, list[float]] = {}
+        self._epoch_of_losses = -1
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return self.model(batch)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         outputs = self.model(batch)
+        rows = next(iter(batch.values())).shape[0]
         total: Tensor | None = None
         for loss in self.losses:
             value = loss.module(outputs, batch)
             if len(self.losses) > 1:
-                self.log(f"train/loss_{loss.name}", value, on_step=True, on_epoch=True)
+                self._log_loss(f"train/loss_{loss.name}", value, rows)
             total = value * loss.weight if total is None else total + value * loss.weight
         assert total is not None
         if not torch.isfinite(total.detach()):
@@ -65,10 +71,22 @@ class RexModule(L.LightningModule):
                 f"{self.global_step}; lower train.lr, set train.grad_clip or check the input data",
                 key="train",
             )
-        rows = next(iter(batch.values())).shape[0]
-        self.log("train/loss", total, prog_bar=True, on_step=True, on_epoch=True, batch_size=rows)
+        self._log_loss("train/loss", total, rows, prog_bar=True)
         self._log_throughput(self.count_samples(batch))
         return total
+
+    def _log_loss(self, name: str, value: Tensor, rows: int, prog_bar: bool = False) -> None:
+        """``NAME_step`` now; ``NAME_epoch``, the row-weighted mean, at the epoch's end."""
+        if self._epoch_of_losses != self.current_epoch:
+            self._epoch_losses, self._epoch_of_losses = {}, self.current_epoch
+        self.log(f"{name}_step", value, prog_bar=prog_bar, on_step=True, on_epoch=False)
+        total, count = self._epoch_losses.setdefault(name, [0.0, 0])
+        self._epoch_losses[name] = [total + float(value.detach()) * rows, count + rows]
+
+    def on_train_epoch_end(self) -> None:
+        if self._epoch_of_losses == self.current_epoch:
+            for name, (total, count) in self._epoch_losses.items():
+                self.log(f"{name}_epoch", total / max(count, 1), on_step=False, on_epoch=True)
 
     def _log_throughput(self, samples: int) -> None:
         now = time.perf_counter()
@@ -115,10 +133,14 @@ class RexModule(L.LightningModule):
         # Dropout draws from the global generator: restoring it makes a resumed run take the
         # same steps as an uninterrupted one.
         checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
+        checkpoint["epoch_losses"] = {"epoch": self._epoch_of_losses, "sums": self._epoch_losses}
         if torch.cuda.is_available():
             checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        losses = checkpoint.get("epoch_losses")
+        if losses:
+            self._epoch_of_losses, self._epoch_losses = losses["epoch"], losses["sums"]
         state = checkpoint.get("rng_state")
         if state:
             torch.set_rng_state(state["torch"])
