@@ -15,6 +15,7 @@ import pytest
 from rex.config.errors import DataError
 from rex.data import prepare as prepare_module
 from rex.data.importer import import_dataset
+from rex.data.lance_io import read_columns
 from rex.data.prepare import dataset_info, ensure_dataset, prepare_dataset
 from rex.data.schema import SCHEMA_FILE, load_schema
 from tests.conftest import run_rex
@@ -163,3 +164,13 @@ def test_a_damaged_lance_file_is_a_clean_cli_error_without_the_rust_panic_report
     assert "seq_train.lance: cannot read table" in result.stderr
     assert "panicked with message" in result.stderr  # the damage did make Lance panic ...
     assert "panicked at" not in result.stderr and "Traceback" not in result.stderr  # ... unreported
+
+
+def test_a_damaged_table_of_an_imported_dataset_says_to_reimport(home: Path) -> None:
+    table = home / "tiny" / "seq_train.lance"
+    for file in (table / "data").iterdir():
+        file.write_bytes(b"not a lance file" * 8)
+    with pytest.raises(
+        DataError, match=r"seq_train\.lance.*re-import it with `rex data import mapping\.yaml`"
+    ):
+        read_columns(table, ["user", "items"])

@@ -153,6 +153,13 @@ def swap_into_place(new: Path, path: Path) -> None:
 
 
 def _rebuild_hint(path: Path) -> str:
+    """How to rebuild the dataset that holds the table at ``path``: re-import an imported one
+    (its schema.json records the mapping), prepare a built-in one."""
+    from rex.data.schema import SCHEMA_FILE, load_schema, rebuild_hint
+
+    if (path.parent / SCHEMA_FILE).is_file():
+        with contextlib.suppress(DataError):  # an unreadable schema.json: rebuild by name
+            return rebuild_hint(load_schema(path.parent))
     return f"rebuild it with `rex data prepare {path.parent.name} --force`"
 
 
@@ -174,6 +181,12 @@ def _open(path: Path) -> tuple[lance.LanceDataset, list[str]]:
     with _lance_failures(path, "cannot open table"):
         dataset = lance.dataset(str(path))
         return dataset, dataset.schema.names
+
+
+def read_metadata(path: Path) -> dict[bytes, bytes]:
+    """The table's schema metadata (empty when it has none)."""
+    dataset, _ = _open(path)
+    return dict(dataset.schema.metadata or {})
 
 
 def read_columns(path: Path, columns: list[str]) -> dict[str, Column]:

@@ -29,9 +29,9 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from rex.config.errors import RecipeError, RexError
+from rex.config.errors import DataError, RecipeError, RexError
 from rex.config.recipe import LoadedRecipe, LoadedStage
-from rex.data.lance_io import read_columns, vector_column, write_table
+from rex.data.lance_io import read_columns, read_metadata, vector_column, write_table
 from rex.data.prepare import ensure_dataset
 from rex.data.schema import data_hash
 from rex.engine.build import Built
@@ -229,14 +229,13 @@ def _fixed_list(array: np.ndarray) -> pa.FixedSizeListArray:
 
 def read_exports(stage_dir: Path, stage: LoadedStage, key: str) -> dict[str, Tensor]:
     """The stage's exports as tensors, checked against the key they were written under."""
-    import lance
-
     out = {}
     for name in stage.config.export:
         path = stage_dir / EXPORTS / f"{name}.lance"
-        written = (
-            (lance.dataset(str(path)).schema.metadata or {}).get(KEY_METADATA) if path.exists() else None
-        )
+        try:
+            written = read_metadata(path).get(KEY_METADATA) if path.exists() else None
+        except DataError as exc:  # a damaged export: its stage writes it again
+            raise RexError(f"export {name!r} cannot be read; rerun the stage", file=str(path)) from exc
         if written != key.encode():
             raise RexError(
                 f"export {name!r} is missing or was written by other settings; rerun the stage",
