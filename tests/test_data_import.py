@@ -305,6 +305,16 @@ MALFORMED: dict[str, tuple[dict[str, str | bytes], dict | str, str]] = {
         _mapping(item_features=None),
         r"log\.csv: line 4, column 'user': id 'u1\\x00' holds a NUL byte; remove it",
     ),
+    "an empty user id": (
+        {"log.csv": CSV_TEXT.replace("u1,i13", ",i13")},
+        _mapping(item_features=None),
+        r"log\.csv: line 4, column 'user': the id is empty; every row needs one \(1 rows lack it\)",
+    ),
+    "a blank item id": (
+        {"log.csv": CSV_TEXT.replace("u1,i13", "u1,  ")},
+        _mapping(item_features=None),
+        r"log\.csv: line 4, column 'item': the id is empty",
+    ),
     "NUL byte in a feature file's id": (
         {"log.csv": CSV_TEXT, "items.csv": ITEMS_CSV.replace("i13,", "i\x0013,")},
         _mapping(),

@@ -290,6 +290,15 @@ def _tokens(source: Source, name: str, column: pa.Array, kind: Kind) -> np.ndarr
             file=str(source.path),
         )
     if kind == "id":
+        blank = pc.or_kleene(pc.is_null(strings), pc.equal(pc.utf8_trim_whitespace(strings), ""))
+        missing = np.flatnonzero(pc.fill_null(blank, True).to_numpy(zero_copy_only=False))
+        if len(missing):
+            raise DataError(
+                f"{source.at(int(missing[0]))}, column {name!r}: the id is empty; every row needs one "
+                f"({len(missing):,} {'row lacks' if len(missing) == 1 else 'rows lack'} it): fill them in or "
+                "drop those rows",
+                file=str(source.path),
+            )
         nul = np.flatnonzero(
             pc.fill_null(pc.match_substring(strings, "\x00"), False).to_numpy(zero_copy_only=False)
         )
