@@ -308,7 +308,7 @@ MALFORMED: dict[str, tuple[dict[str, str | bytes], dict | str, str]] = {
     "an empty user id": (
         {"log.csv": CSV_TEXT.replace("u1,i13", ",i13")},
         _mapping(item_features=None),
-        r"log\.csv: line 4, column 'user': the id is empty; every row needs one \(1 rows lack it\)",
+        r"log\.csv: line 4, column 'user': the id is empty; every row needs one \(1 row lacks it\)",
     ),
     "a blank item id": (
         {"log.csv": CSV_TEXT.replace("u1,i13", "u1,  ")},
