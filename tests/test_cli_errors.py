@@ -116,6 +116,13 @@ def test_debug_mode_shows_the_traceback(tmp_path, data_home):
             ["bad.yaml", "model", "needs more memory than this machine has", "lower its sizes"],
             id="size-beyond-the-machine",
         ),
+        pytest.param(
+            # Tensors an allocator would hand out one by one (14.5 GB for the item table), which
+            # initialisation would then fill: refused before, from the meta-device shapes alone
+            ("  dim: 64", "  dim: 300000"),
+            ["bad.yaml", "model", "needs about", "GB available", "largest parameter is model.encoder"],
+            id="size-that-allocates-but-cannot-train",
+        ),
         pytest.param(("lr: 1.0e-3", "lr: .inf"), ["bad.yaml", "train.lr", "finite number"], id="infinite-lr"),
         pytest.param(
             ("  _component_: model/sequential\n", ""),

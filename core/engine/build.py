@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from torch import nn
 
 from rex.config.errors import RecipeError, RexError
@@ -15,6 +18,7 @@ from rex.config.schema import Recipe
 from rex.data.datamodule import RexDataModule
 from rex.data.prepare import ensure_dataset, repeated_targets
 from rex.data.schema import data_hash
+from rex.engine.allocator import available_memory
 from rex.engine.module import RexModule, WeightedLoss
 from rex.engine.optim import check_optimizer, check_scheduler, default_optimizer, freeze
 from rex.eval.evaluators import Evaluator
@@ -92,6 +96,7 @@ def build_run(
     masking = history_masking(recipe, datamodule)
     try:
         assert recipe.model is not None and recipe.losses is not None, "validated by Recipe"
+        check_training_memory(recipe, context)
         model = build(recipe.model, "model", context)
         outputs = _declared_outputs(model)
         losses, skipped = _build_losses(recipe.losses, context, outputs)
@@ -120,6 +125,43 @@ def build_run(
         exc.file = exc.file or source
         raise
     return Built(datamodule, module, data_hash(dataset_dir), skipped, frozen, masking)
+
+
+# Training holds each parameter four times over: weights, gradients and Adam's two moments.
+TRAINING_COPIES = 4
+
+
+def check_training_memory(recipe: Recipe, context: Mapping[str, Any]) -> None:
+    """Refuse, before anything is allocated, a CPU model whose training state cannot fit in the
+    memory the machine has left: the model is built once on the meta device (shapes, no data)
+    and its parameters counted. A size that merely looks plausible would otherwise be allocated
+    and only fail, or swap, once initialisation touches it."""
+    if recipe.train.accelerator not in ("cpu", "auto") or torch.cuda.is_available():
+        return
+    # Whatever the meta build draws from a random generator, the real build must draw the same.
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            shapes = build(recipe.model, "model", context)
+    except RecipeError:
+        raise  # the same mistake the real build would report
+    except Exception:  # noqa: BLE001 - a component needs real tensors to be built: it is built for real next
+        return
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+    parameters = dict(shapes.named_parameters())
+    need = TRAINING_COPIES * sum(p.numel() * p.element_size() for p in parameters.values())
+    available = available_memory()
+    if available is None or need <= available:
+        return
+    name, largest = max(parameters.items(), key=lambda item: item[1].numel())
+    raise RecipeError(
+        f"training this model needs about {need / 1e9:,.1f} GB (weights, gradients and Adam state) "
+        f"and the machine has {available / 1e9:,.1f} GB available; the largest parameter is "
+        f"model.{name} {tuple(largest.shape)}: lower its sizes",
+        key="model",
+    )
 
 
 def _declared_outputs(model: nn.Module) -> frozenset[str] | None:
