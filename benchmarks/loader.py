@@ -191,7 +191,7 @@ def _warm_code_paths() -> None:
     import torch
 
     from rex.data.loader import BatchLoader, Ragged
-    from rex.data.tasks import next_item_pairs
+    from rex.data.sequences import next_item_pairs
 
     values, offsets = torch.arange(1, 7), torch.tensor([0, 1, 3, 6])
     columns = {"items": Ragged(values, offsets, 3), "user": torch.arange(3), "label": torch.ones(3)}

@@ -119,17 +119,17 @@ def list_components(
     kind: Annotated[str | None, typer.Argument(help="component kind, e.g. encoder")] = None,
 ) -> None:
     """Registered components with a one-line description."""
-    from rex.config.registry import entries
+    from rex.config.registry import summaries
 
-    found = entries(kind)
+    found = summaries(kind)
     if not found:
-        kinds = sorted({e.key.split("/")[0] for e in entries()})
+        kinds = sorted({key.split("/")[0] for key, _ in summaries()})
         raise RexError(f"no components of kind {kind!r}; kinds: {', '.join(kinds)}", file="command line")
     table = Table(show_header=True)
     table.add_column("component")
     table.add_column("description")
-    for entry in found:
-        table.add_row(Text(entry.key), Text(entry.summary))  # Text: brackets in docs are not markup
+    for key, summary in found:
+        table.add_row(Text(key), Text(summary))  # Text: brackets in docs are not markup
     out.print(table)
 
 

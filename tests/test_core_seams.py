@@ -213,7 +213,8 @@ def test_a_plugin_registers_a_new_task_without_touching_the_core(data_home, tmp_
 
 
 def test_samples_per_second_count_what_each_task_supervises():
-    from rex.data.tasks import ClickTask, NextItemTask, next_item_pairs
+    from rex.data.sequences import next_item_pairs
+    from rex.data.tasks import ClickTask, NextItemTask
 
     sequences = {"items": torch.tensor([[0, 2, 3, 4], [0, 0, 6, 5]]), "user": torch.tensor([1, 2])}
     batch = next_item_pairs(sequences)  # positions with a next item: 2 + 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tomllib
+import zipfile
 
 from tests.conftest import REPO
 
@@ -28,3 +29,27 @@ def test_rex_imports_and_no_generic_top_level_module_is_installed(tmp_path):
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "None None"
+
+
+def test_the_wheel_carries_the_component_index(tmp_path):
+    # The registry reads rex/config/components.json at run time: an install without it could
+    # not find a single built-in component.
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        capture_output=True,
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("rex-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert "rex/config/components.json" in archive.namelist()

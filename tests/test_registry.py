@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from rex.components.encoders.mlp import MLP
 from rex.config.errors import RecipeError
-from rex.config.registry import ComponentFactory, build, entries, load_plugins, lookup, type_matches
+from rex.config.registry import (
+    ComponentFactory,
+    build,
+    entries,
+    load_plugins,
+    lookup,
+    summaries,
+    type_matches,
+)
+from tests.conftest import REPO
 
 
 def test_every_builtin_kind_is_registered_without_importing_it_first():
@@ -111,3 +123,39 @@ def test_plugins_must_be_importable_and_can_register(tmp_path, monkeypatch):
     assert build({"_component_": "encoder/identity_test", "dim": 2}) is not None
     with pytest.raises(RecipeError, match="cannot import plugin module"):
         load_plugins(["no_such_rex_plugin"])
+
+
+def test_a_plugin_that_only_imports_builtins_registers_nothing(tmp_path, monkeypatch):
+    # Importing a built-in component module registers built-ins, not the plugin's own.
+    (tmp_path / "borrowing_plugin.py").write_text("from rex.components.models import tiger\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RecipeError, match="registers no component"):
+        load_plugins(["borrowing_plugin"])
+
+
+def test_the_builtin_index_is_current():
+    # components.json is generated from the modules; a component added, renamed or redocumented
+    # without regenerating it fails here with the command that fixes it.
+    result = subprocess.run(
+        [sys.executable, "-m", "rex.config.index", "--check"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert {key for key, _ in summaries()} == {entry.key for entry in entries()}
+
+
+def test_reading_a_recipe_and_listing_components_import_no_component():
+    # rex show and rex list start fast because neither imports torch or a component module;
+    # a lookup imports only the module of the component it finds.
+    code = (
+        "import sys\n"
+        "from rex.config.recipe import load_recipe\n"
+        "from rex.config.registry import lookup, summaries\n"
+        "load_recipe('recipes/tiger.yaml'); summaries()\n"
+        "print(sorted(m for m in ('torch', 'lightning', 'lance') if m in sys.modules))\n"
+        "lookup('encoder/mlp')\n"
+        "print('rex.components.encoders.mlp' in sys.modules, 'rex.components.models.tiger' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    assert result.stdout.split("\n")[:2] == ["[]", "True False"]

@@ -19,6 +19,7 @@ adds the file name.
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 import re
 import types
@@ -69,31 +70,54 @@ def register(key: str) -> Callable[[T], T]:
 
 
 def entries(kind: str | None = None) -> list[Entry]:
-    _ensure_builtins()
+    """The registered components (of ``kind``), built-ins imported as needed."""
+    from rex.config.index import builtin_index
+
+    for key, (module, _) in builtin_index().items():
+        if (kind is None or key.split("/")[0] == kind) and key not in _REGISTRY:
+            importlib.import_module(module)
     return sorted(
         (e for e in _REGISTRY.values() if kind is None or e.key.split("/")[0] == kind), key=lambda e: e.key
     )
 
 
+def summaries(kind: str | None = None) -> list[tuple[str, str]]:
+    """(key, one-line summary) of every component (of ``kind``), from the built-in index and
+    whatever else this process registered, without importing any component."""
+    from rex.config.index import builtin_index
+
+    rows = {key: summary for key, (_, summary) in builtin_index().items()}
+    rows.update({key: entry.summary for key, entry in _REGISTRY.items() if key not in rows})
+    return sorted(
+        (key, summary) for key, summary in rows.items() if kind is None or key.split("/")[0] == kind
+    )
+
+
 def lookup(name: str, path: str = "") -> Entry:
-    """Find a component by ``kind/name``, or by ``name`` alone when that is unambiguous."""
-    _ensure_builtins()
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    short = [e for e in _REGISTRY.values() if e.key.split("/", 1)[1] == name]
-    if len(short) == 1:
-        return short[0]
-    if len(short) > 1:
-        options = ", ".join(e.key for e in short)
-        raise RecipeError(f"component name {name!r} is ambiguous: write one of {options}", key=path)
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
-    hint = f" (did you mean {' or '.join(close)}?)" if close else " (see `rex list`)"
-    raise RecipeError(f"unknown component {name!r}{hint}", key=path)
+    """Find a component by ``kind/name``, or by ``name`` alone when that is unambiguous. A built-in
+    is imported on first use (see :mod:`rex.config.index`)."""
+    from rex.config.index import builtin_index
 
-
-def _ensure_builtins() -> None:
-    # Imported here, not at module import, so components can import this module freely.
-    import rex.builtins  # noqa: F401
+    index = builtin_index()
+    known = set(_REGISTRY) | set(index)
+    if name in known:
+        key = name
+    else:
+        short = sorted(k for k in known if k.split("/", 1)[1] == name)
+        if len(short) > 1:
+            raise RecipeError(
+                f"component name {name!r} is ambiguous: write one of {', '.join(short)}", key=path
+            )
+        if not short:
+            close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.5)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else " (see `rex list`)"
+            raise RecipeError(f"unknown component {name!r}{hint}", key=path)
+        key = short[0]
+    if key not in _REGISTRY:
+        importlib.import_module(index[key][0])
+        if key not in _REGISTRY:  # a component renamed without regenerating the index
+            raise RuntimeError(f"{index[key][0]} no longer registers {key}: run `python -m rex.config.index`")
+    return _REGISTRY[key]
 
 
 MODULE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -105,7 +129,6 @@ def load_plugins(modules: list[str]) -> None:
     A plugin must be an absolute module name that registers at least one component: ``os`` or
     any other module that registers nothing is refused, so ``plugins:`` cannot import arbitrary
     code for its side effects."""
-    import importlib
     import sys
 
     for i, module in enumerate(modules):
@@ -127,9 +150,11 @@ def load_plugins(modules: list[str]) -> None:
             raise RecipeError(
                 f"plugin module {module!r} failed while importing: {type(exc).__name__}: {exc}", key=key
             ) from exc
-        # What the import registered; a module imported earlier is judged by where its
-        # components are defined.
-        registers = set(_REGISTRY) != keys_before or (
+        # What the import registered, built-ins it imported on the way aside; a module imported
+        # earlier is judged by where its components are defined.
+        from rex.config.index import builtin_index
+
+        registers = bool(set(_REGISTRY) - keys_before - set(builtin_index())) or (
             imported_before and any(_defined_in(entry, module) for entry in _REGISTRY.values())
         )
         if not registers:

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from rex.config.base import Strict
 from rex.config.registry import COMPONENT_KEY
-from rex.eval.metrics import lower_is_better, parse_metric_name
+from rex.eval.names import lower_is_better, parse_metric_name
 
 if TYPE_CHECKING:
     from rex.data.tasks import Task

@@ -12,20 +12,19 @@ import difflib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from torch import Tensor
-
 from rex.config.errors import RecipeError
 from rex.config.registry import entries, register
-from rex.data.lance_io import RaggedColumn, read_columns
-from rex.data.loader import Column, Ragged
 
+# Types only: importing a task (to read a recipe's defaults) must not import torch or the data
+# stack, so that `rex show` starts fast; methods that read data import what they use.
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from rex.config.schema import Recipe
     from rex.data.datamodule import RexDataModule
+    from rex.data.loader import Column
 
-Transform = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+    Transform = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 RANKING = tuple(f"{m}@{k}" for m in ("recall", "ndcg", "mrr") for k in (5, 10, 20))
 
 
@@ -92,29 +91,18 @@ class NextItemTask(Task):
             )
 
     def columns(self, data: RexDataModule, split: str) -> dict[str, Column]:
-        # Imported here: the data module pulls in Lightning, which `rex list` need not pay for.
-        from rex.data.datamodule import column, compact_tensor
+        from rex.data.sequences import next_item_columns
 
-        if split != "train":
-            columns = data.read(split, ["user", "history", "target"])
-            columns["seen"] = whole_lists(columns["history"])
-            return columns
-        raw = read_columns(data.table(split), ["user", "items"])
-        items = raw.pop("items")
-        assert isinstance(items, RaggedColumn)
-        keep = np.flatnonzero(items.lengths() >= 2)  # an input and a next item at least
-        # Compacted before the rows are taken, so the copy that take makes is the small one.
-        items = RaggedColumn(compact_tensor(items.values).numpy(), items.offsets).take(keep)
-        return {
-            "user": compact_tensor(np.asarray(raw.pop("user"))[keep]),
-            # max_len inputs and their next items: batches split this in next_item_pairs
-            "items": column(items, data.recipe.data.max_len + 1),
-        }
+        return next_item_columns(data, split)
 
     def transform(self, split: str) -> Transform | None:
+        from rex.data.sequences import next_item_pairs
+
         return next_item_pairs if split == "train" else None
 
     def sample_weights(self, columns: dict[str, Column]) -> Tensor | None:
+        from rex.data.loader import Ragged
+
         items = columns["items"]
         assert isinstance(items, Ragged)
         return items.lengths() - 1  # inputs with a next item
@@ -123,22 +111,6 @@ class NextItemTask(Task):
         """One per position with a next item (every position is supervised), as the benchmarks
         count them."""
         return int((batch["targets"] > 0).sum())
-
-
-def whole_lists(lists: Column) -> Ragged:
-    """The same lists served whole: ``gather`` returns every id, not the last ``max_len``."""
-    assert isinstance(lists, Ragged)
-    longest = int((lists.offsets[1:] - lists.offsets[:-1]).max()) if len(lists) else 0
-    return Ragged(lists.values[lists.max_len :], lists.offsets, max(longest, 1))
-
-
-def next_item_pairs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Sequences (B, W + 1) → ``items`` (B, W) inputs and ``targets`` (B, W), the next item at
-    each position (0 where the input is padding), so the loss covers every position."""
-    sequences = batch["items"]
-    inputs = sequences[:, :-1]
-    targets = torch.where(inputs > 0, sequences[:, 1:], 0)
-    return {**batch, "items": inputs, "targets": targets}
 
 
 @register("task/items")
@@ -153,6 +125,8 @@ class ItemsTask(Task):
     monitor = "recon_mse"
 
     def columns(self, data: RexDataModule, split: str) -> dict[str, Column]:
+        import torch
+
         return {"item": torch.arange(1, data.schema.num_items, dtype=torch.int32)}
 
 

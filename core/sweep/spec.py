@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from rex.config.base import Strict
 from rex.config.errors import RecipeError
 from rex.config.recipe import read_yaml_mapping
-from rex.eval.metrics import lower_is_better
+from rex.eval.names import lower_is_better
 
 Direction = Literal["maximize", "minimize"]
 
