@@ -45,6 +45,8 @@ SASREC_OVERRIDES = [
     "train.batch_samples=2048",
     "train.patience=null",
     "eval.batch_size=2048",
+    # RecBole's sequential full ranking masks no history item: the same protocol on both sides.
+    "eval.exclude_history=false",
     "logging.progress_bar=false",
 ]
 PREP_RECIPES = {

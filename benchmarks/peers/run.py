@@ -220,11 +220,13 @@ def verdict(ok: bool | None) -> str:
     return "—" if ok is None else ("met" if ok else "**not met**")
 
 
-def markdown(results: Result, machine: Result) -> str:
+def markdown(results: Result, machine: Result, measured: dict[str, str]) -> str:
+    """The report; ``measured`` gives each section's date (``--only`` reruns some sections)."""
+    when = "; ".join(f"{name} {date}" for name, date in measured.items() if name in results)
     lines = [
         "# rex against its peers",
         "",
-        f"Measured {machine['date']} on {machine['cpu']} ({machine['cores']} cores, "
+        f"Sections measured on: {when}. Last run {machine['date']} on {machine['cpu']} ({machine['cores']} cores, "
         f"{machine['threads']} torch threads per side), Python {machine['python']}, torch "
         f"{machine['torch']}; RecBole {machine.get('recbole', '?')}, torch-rechub "
         f"{machine.get('torch-rechub', '?')}. Medians of "
@@ -245,7 +247,9 @@ def markdown(results: Result, machine: Result) -> str:
             "uses the lr (3.7e-3) and encoder dropout (0.1) its own sweep chose on validation. A *sample* is one training position with a next item "
             "(a RecBole training row); rex trains all positions of a sequence in one pass, "
             "`train.batch_samples=2048` makes its batches of about 2,048 samples too, grouping "
-            "sequences of similar length.",
+            "sequences of similar length. Protocol, the same on both sides: the leave-one-out split "
+            "and a full ranking over every item with no history masking (RecBole's sequential full "
+            "ranking masks nothing; rex runs with `eval.exclude_history=false`).",
             "",
             "| measure | rex | RecBole | rex advantage | target | |",
             "|---|---|---|---|---|---|",
@@ -378,8 +382,8 @@ def main() -> None:
         args.repeats, args.warmup, args.batches, args.epochs, args.ctr_seeds = 1, 1, 2, 1, 1
     if args.report:
         saved = json.loads((args.out.with_name(args.out.name + ".json")).read_text())
-        machine = saved.pop("machine")
-        atomic_write(args.out.with_name(args.out.name + ".md"), markdown(saved, machine) + "\n")
+        machine, measured = saved.pop("machine"), saved.pop("measured", {})
+        atomic_write(args.out.with_name(args.out.name + ".md"), markdown(saved, machine, measured) + "\n")
         return
     missing = [name for name, python in PYTHON.items() if not python.exists()]
     if missing:
@@ -393,15 +397,17 @@ def main() -> None:
     # Sections not run this time keep their last results (``--only`` reruns some of them).
     results: Result = json.loads(json_path.read_text()) if json_path.exists() else {}
     results.pop("machine", None)
+    measured = results.pop("measured", {})
+    machine = machine_info(args)
     for name in args.only or list(SECTIONS):
         log(f"section {name}")
         results[name] = SECTIONS[name](args)
-    machine = machine_info(args)
+        measured[name] = machine["date"]
     machine["seconds"] = round(time.perf_counter() - started)
-    report = markdown(results, machine)
+    report = markdown(results, machine, measured)
     atomic_write(
         json_path,
-        json.dumps({"machine": machine, **results}, indent=1),
+        json.dumps({"machine": machine, "measured": measured, **results}, indent=1),
     )
     atomic_write(args.out.with_name(args.out.name + suffix + ".md"), report + "\n")
     print(report)
