@@ -14,7 +14,9 @@ class CTRModel(nn.Module):
     """CTR tower: field embeddings → [target attention over the history] → MLP → click logit.
 
     With ``interaction: interaction/fm`` and ``linear: true`` it is DeepFM; with
-    ``interest: attention/target`` it is DIN. Batch: one (B,) id tensor per categorical field,
+    ``interaction/cross`` DCN-V2 (parallel); with ``interaction/self_attention`` AutoInt+; with
+    ``interest: attention/target`` it is DIN. An interaction maps the (B, F, d) field embeddings
+    to a (B,) term added to the logit. Batch: one (B,) id tensor per categorical field,
     plus ``history`` (B, L) item ids (left-padded with 0) when ``interest`` is set.
     Returns ``logit`` (B,).
 
@@ -58,7 +60,12 @@ class CTRModel(nn.Module):
         width = len(fields) * dim + extra + (dim + extra if self.interest is not None else 0)
         self.tower = tower(in_dim=width)
         self.head = nn.Linear(self.tower.out_dim, 1)
-        self.interaction = interaction() if interaction is not None else None
+        self.interaction = None
+        if interaction is not None:
+            # The field layout, for the interactions with weights over it (cross, self-attention);
+            # a parameter-free one (FM) takes neither.
+            layout = {"num_fields": len(fields), "dim": dim}
+            self.interaction = interaction(**{k: v for k, v in layout.items() if interaction.accepts(k)})
         self.first_order = FieldEmbedding(fields, dim=1) if linear else None
         self.bias = nn.Parameter(torch.zeros(1)) if linear else None
 

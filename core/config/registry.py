@@ -254,6 +254,11 @@ class ComponentFactory:
         _check_required(self.entry, kwargs, self.path)
         return _construct(self.entry, kwargs, self.path)
 
+    def accepts(self, name: str) -> bool:
+        """Whether the component takes an argument ``name`` (for a parent that supplies a
+        setting only to the children that use it)."""
+        return name in _signature(self.entry)[0]
+
     def check_argument(self, name: str, value: Any, path: str) -> None:
         """A RecipeError unless ``name`` is an argument of the component and ``value`` fits its type
         (for settings the parent passes through, such as an optimizer's parameter-group lr)."""
