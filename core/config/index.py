@@ -34,6 +34,7 @@ MODULES = (
     "rex.components.denoisers.schedule",
     "rex.components.denoisers.synergy",
     "rex.components.embeddings.field",
+    "rex.components.encoders.gru",
     "rex.components.encoders.hierarchical",
     "rex.components.encoders.mlp",
     "rex.components.encoders.modality_table",
