@@ -145,3 +145,26 @@ def _epoch_losses(run_dir) -> dict[int, float]:
 def test_resume_refuses_a_finished_run_and_a_non_run(tmp_path, data_home):
     result = run_rex("train", "--resume", str(tmp_path))
     assert result.returncode == 2 and "not a run folder" in result.stderr
+
+
+def test_no_step_checkpoint_claims_an_epoch_whose_validation_has_not_run(data_home, tmp_path):
+    # Lightning resumes a checkpoint taken after an epoch's last batch as if its validation had
+    # run. So the step checkpoint on disk when validation starts must be from an earlier batch:
+    # a kill during validation then resumes to re-run the last batch and the validation.
+    from lightning.pytorch.callbacks import Callback
+
+    from rex.engine.train import run_one
+
+    seen: list[int] = []
+
+    class AtValidationStart(Callback):
+        def on_validation_start(self, trainer, pl_module) -> None:
+            if trainer.sanity_checking:
+                return
+            state = torch.load(next(tmp_path.glob("checkpoints/last.ckpt")), weights_only=True)
+            seen.append(state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"])
+
+    loaded = load_recipe(REPO / "recipes" / "deepfm.yaml", [*SMOKE, "train.checkpoint_every_n_steps=1"])
+    run_one(loaded, 42, tmp_path, extra_callbacks=[AtValidationStart()], test=False)
+    batches = loaded.recipe.train.limit_train_batches
+    assert seen and all(processed < batches for processed in seen), (seen, batches)

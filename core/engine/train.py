@@ -139,6 +139,21 @@ def run_one(
     ).metrics
 
 
+class StepCheckpoint(ModelCheckpoint):
+    """last.ckpt every n training steps, except after an epoch's last batch.
+
+    Lightning resumes a checkpoint taken after the last batch as if that epoch's validation had
+    run, so a run killed between that batch and the end of validation would skip the validation
+    (and its model selection) on resume. The epoch-end last.ckpt, written after validation,
+    covers that batch instead."""
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx + 1 < trainer.num_training_batches:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
 @dataclass
 class Fitted:
     """A finished fit: what metrics.json holds, the trained objects and the best checkpoint."""
@@ -193,7 +208,7 @@ def fit_and_test(
     callbacks: list[Callback] = [best]
     if recipe.train.checkpoint_every_n_steps:
         callbacks.append(
-            ModelCheckpoint(
+            StepCheckpoint(
                 dirpath=ckpt_dir,
                 save_top_k=0,
                 save_last=True,
