@@ -78,11 +78,22 @@ def evaluate(
             "replaces (to re-test runs after an evaluation fix)",
         ),
     ] = False,
+    devices: Annotated[
+        int, typer.Option(min=1, help="processes to split the test set over (data-parallel, same metrics)")
+    ] = 1,
+    output: Annotated[
+        Path | None, typer.Option(help="also write the metrics, unrounded, to this JSON file")
+    ] = None,
 ) -> None:
     """Test metrics of a finished run's best checkpoint (metrics.json is untouched unless --record)."""
+    from rex.engine.runs import atomic_write_json
     from rex.engine.train import evaluate as run_eval
 
-    results = run_eval(target, record)
+    results = run_eval(target, record, devices)
+    if results is None:  # another process of a data-parallel evaluation: the main one reports
+        return
+    if output is not None:
+        atomic_write_json(output, results)
     table = Table(title="test metrics")  # the checkpoint's path is printed above it
     table.add_column("metric")
     table.add_column("value", justify="right")

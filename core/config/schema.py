@@ -29,6 +29,14 @@ class DataConfig(Strict):
         None, description="which tables of the dataset to read (default: the task's, e.g. sequence)"
     )
     max_len: int = Field(50, ge=1, description="histories keep their most recent max_len items")
+    stream: bool = Field(
+        False,
+        description="read training batches from the Lance tables fragment by fragment instead of "
+        "holding whole columns in memory",
+    )
+    stream_buffer_rows: int = Field(
+        65_536, ge=1, description="data.stream: rows held (and shuffled) at a time"
+    )
     user_columns: list[str] = Field(
         [],
         description="list columns of the dataset's users view (e.g. history_view) joined to each "
@@ -62,6 +70,21 @@ class TrainConfig(Strict):
     )
     limit_train_batches: int | None = Field(None, ge=1, description="cap on batches per epoch (smoke runs)")
     limit_eval_batches: int | None = Field(None, ge=1)
+    devices: int | Literal["auto"] = Field(
+        1, description="devices (processes) per machine, passed to Lightning; >1 trains data-parallel"
+    )
+    num_nodes: int = Field(1, ge=1, description="machines, passed to Lightning (torchrun or SLURM starts them)")
+    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = Field(
+        "auto", description="Lightning's distribution strategy (deepspeed: where it is installed)"
+    )
+    compile: bool = Field(False, description="torch.compile the model before training")
+
+    @field_validator("devices")
+    @classmethod
+    def _positive_devices(cls, devices: int | str) -> int | str:
+        if isinstance(devices, int) and devices < 1:
+            raise ValueError("devices must be a positive number of processes, or auto")
+        return devices
 
 
 class EvalConfig(Strict):

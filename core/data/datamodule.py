@@ -264,13 +264,23 @@ class RexDataModule(L.LightningDataModule):
         return self._loaders[split]
 
     def train_dataloader(self) -> BatchLoader:
-        return self.loader("train")
+        return self._this_process(self.loader("train"))
 
     def val_dataloader(self) -> BatchLoader:
-        return self.loader("valid")
+        return self._this_process(self.loader("valid"))
 
     def test_dataloader(self) -> BatchLoader:
-        return self.loader("test")
+        return self._this_process(self.loader("test"))
+
+    def _this_process(self, loader: BatchLoader) -> BatchLoader:
+        """The loader serving this process's share of each epoch, in a data-parallel run."""
+        trainer = self.trainer
+        if trainer is not None:
+            try:
+                loader.shard(trainer.global_rank, trainer.world_size)
+            except ValueError as exc:
+                raise DataError(f"{exc}: use fewer train.devices", key="train.devices") from exc
+        return loader
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
@@ -280,11 +290,28 @@ class RexDataModule(L.LightningDataModule):
         if trainer is None:
             return {}
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": trainer.current_epoch, "batches": progress.processed}  # type: ignore[attr-defined]
+        return {
+            "epoch": trainer.current_epoch,
+            "batches": progress.processed,  # type: ignore[attr-defined]
+            "processes": trainer.world_size,
+            "mid_epoch": progress.processed < trainer.num_training_batches,  # type: ignore[attr-defined]
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            self.loader("train").skip_batches(int(state["epoch"]), int(state["batches"]))
+        if not state:
+            return
+        batches, processes = int(state["batches"]), int(state.get("processes", 1))
+        trainer = self.trainer
+        now = trainer.world_size if trainer is not None else 1
+        if state.get("mid_epoch", False) and processes != now:
+            # Mid-epoch, the batches already run were this many processes' shares: another
+            # world size would split the epoch differently and repeat or skip rows.
+            raise DataError(
+                f"this checkpoint stopped mid-epoch in a run of {processes} process(es); resume it with "
+                f"{processes} (train.devices × train.num_nodes), or from an epoch-end checkpoint",
+                key="train.devices",
+            )
+        self.loader("train").skip_batches(int(state["epoch"]), batches)
 
 
 def _item_vectors(value: Any, num_items: int) -> bool:

@@ -85,6 +85,32 @@ class Ragged:
 Column = Tensor | Ragged
 
 
+def shard_batches(batches: list[Tensor], rank: int, world_size: int) -> list[Tensor]:
+    """Process ``rank``'s share of one epoch's ``batches`` (row indices, the same on every rank).
+
+    Rank r takes batches r, r + world_size, ... . When the count does not divide, the last whole
+    round and the rest are pooled and split evenly, so every rank runs the same number of steps
+    (data-parallel ranks step together) and the union over ranks is each row exactly once.
+    """
+    if world_size == 1:
+        return batches
+    rounds = len(batches) // world_size
+    whole = rounds if len(batches) % world_size == 0 else rounds - 1
+    mine = batches[rank : max(whole, 0) * world_size : world_size]
+    pooled = batches[max(whole, 0) * world_size :]
+    if pooled:
+        rows = torch.cat(pooled)
+        if len(rows) < world_size:
+            raise ValueError(f"{len(rows)} rows cannot be shared by {world_size} processes")
+        mine.append(torch.tensor_split(rows, world_size)[rank])
+    return mine
+
+
+def shard_count(batches: int, world_size: int) -> int:
+    """How many of ``batches`` each rank runs under :func:`shard_batches`."""
+    return batches if world_size == 1 else max(batches // world_size, 1)
+
+
 class BatchLoader:
     """Iterable of dict batches over equal-length column tensors.
 
@@ -126,8 +152,19 @@ class BatchLoader:
         self.transform = transform
         self.batch_sampler = None  # Lightning inspects loaders as it would a torch DataLoader
         self._resume: tuple[int, int] | None = None
+        self.rank, self.world_size = 0, 1
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Serve only process ``rank``'s share of each epoch (see :func:`shard_batches`)."""
+        if world_size > 1 and self.num_rows < world_size:
+            raise ValueError(f"{self.num_rows} rows cannot be shared by {world_size} processes")
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
+        return shard_count(self._global_count(), self.world_size)
+
+    def _global_count(self) -> int:
+        """Batches per epoch over all ranks."""
         if self.budget is not None:
             weights, samples = self.budget
             return max(-(-int(weights.sum()) // samples), 1)
@@ -137,7 +174,7 @@ class BatchLoader:
         if self.budget is None:
             return list(order.split(self.batch_size))
         weights, _ = self.budget
-        count = len(self)
+        count = self._global_count()
         # A stable sort of the shuffled rows: equal weights stay in random order.
         rows = order[torch.argsort(weights[order], stable=True)]
         sorted_weights = weights[rows]
@@ -160,7 +197,7 @@ class BatchLoader:
             self._resume = None
             if epoch == self.sampler.epoch:
                 start = batches
-        for index in self._batches(order)[start:]:
+        for index in shard_batches(self._batches(order), self.rank, self.world_size)[start:]:
             batch = {name: _select(column, index) for name, column in self.columns.items()}
             yield self.transform(batch) if self.transform is not None else batch
 

@@ -104,8 +104,10 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
 class MetricsRecorder(Callback):
     """Keeps ``metrics.json`` current: validation metrics per epoch, then the test metrics once."""
 
-    def __init__(self, run_dir: Path, header: dict[str, Any]) -> None:
+    def __init__(self, run_dir: Path, header: dict[str, Any], write: bool = True) -> None:
         self.path = run_dir / METRICS_FILE
+        # Every process of a data-parallel run keeps the record; only the main one writes it.
+        self.write = write
         existing = read_metrics(run_dir)
         self.data: dict[str, Any] = {**header, "validation": existing.get("validation", [])}
         for key in ("test", "best", "train"):
@@ -120,7 +122,8 @@ class MetricsRecorder(Callback):
         self._fit_start = time.perf_counter()
 
     def _save(self) -> None:
-        atomic_write_json(self.path, self.data)
+        if self.write:
+            atomic_write_json(self.path, self.data)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:

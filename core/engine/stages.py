@@ -35,6 +35,7 @@ from rex.data.lance_io import read_columns, read_metadata, vector_column, write_
 from rex.data.prepare import ensure_dataset
 from rex.data.schema import data_hash
 from rex.engine.build import Built
+from rex.engine.distributed import barrier, is_main_process
 from rex.engine.runs import (
     METRICS_FILE,
     RECIPE_FILE,
@@ -65,7 +66,8 @@ def run_stages(
     unfinished one from its ``last.ckpt``. ``extra_callbacks`` (a sweep's pruner) watch the last
     stage, whose validation metric the run is selected on.
     """
-    if not resume:
+    writer = is_main_process(loaded.recipe)
+    if not resume and writer:
         atomic_write_text(
             run_dir / RECIPE_FILE, yaml.safe_dump({**loaded.resolved, "seed": seed}, sort_keys=False)
         )
@@ -101,9 +103,11 @@ def run_stages(
             )
             _restore(fitted.built, fitted.best_checkpoint)
             for name, method in stage.config.export.items():
-                write_export(
-                    stage_dir / EXPORTS / f"{name}.lance", export_value(fitted.built, name, method), key
-                )
+                value = export_value(fitted.built, name, method)
+                if writer:
+                    write_export(stage_dir / EXPORTS / f"{name}.lance", value, key)
+            # The other processes of a data-parallel run read what the main one just wrote.
+            barrier()
             status = "trained"
         context.update(read_exports(stage_dir, stage, key))
         metrics = read_metrics(stage_dir)
@@ -113,10 +117,12 @@ def run_stages(
             "test": metrics.get("test"),
             "exports": sorted(stage.config.export),
         }
-        atomic_write_json(run_dir / STAGES_FILE, record)
+        if writer:
+            atomic_write_json(run_dir / STAGES_FILE, record)
         upstream.append(key)
     final = {**metrics, "stages": {name: entry.get("test") for name, entry in record["stages"].items()}}
-    atomic_write_json(run_dir / METRICS_FILE, final)
+    if writer:
+        atomic_write_json(run_dir / METRICS_FILE, final)
     return final
 
 

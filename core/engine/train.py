@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +29,12 @@ from rex.config.recipe import LoadedRecipe, load_recipe
 from rex.config.schema import Recipe
 from rex.engine.allocator import reuse_freed_memory
 from rex.engine.build import Built, build_run
+from rex.engine.distributed import (
+    RUN_DIR_ENV,
+    is_distributed,
+    is_main_process,
+    shared_run_dir,
+)
 from rex.engine.runs import (
     ENV_FILE,
     METRICS_FILE,
@@ -55,6 +62,9 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
     warnings.filterwarnings("ignore", message=".*is not a `torch.utils.data.DataLoader`.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    # Evaluation metrics are computed once over every process's rows (rex.eval.gather), so
+    # Lightning's advice to average them over processes does not apply.
+    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
 
 class Throughput(Callback):
@@ -93,12 +103,11 @@ def _loggers(recipe: Recipe, run_dir: Path) -> list[Logger]:
 
 def _trainer(recipe: Recipe, run_dir: Path, callbacks: list[Callback]) -> L.Trainer:
     cfg = recipe.train
-    return L.Trainer(
+    return distributed_trainer(
+        recipe,
         default_root_dir=str(run_dir),
         max_epochs=cfg.max_epochs,
-        accelerator=cfg.accelerator,
-        devices=1,
-        precision=cfg.precision,  # type: ignore[arg-type]
+        precision=cfg.precision,
         gradient_clip_val=cfg.grad_clip,
         limit_train_batches=cfg.limit_train_batches,
         limit_val_batches=cfg.limit_eval_batches,
@@ -111,6 +120,31 @@ def _trainer(recipe: Recipe, run_dir: Path, callbacks: list[Callback]) -> L.Trai
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
     )
+
+
+def distributed_trainer(recipe: Recipe, **settings: Any) -> L.Trainer:
+    """A Trainer on the recipe's accelerator, devices, nodes and strategy.
+
+    Lightning launches and joins the processes (its own launcher, torchrun or SLURM); a setting
+    it refuses (fsdp without GPUs, deepspeed not installed, more devices than there are) is the
+    recipe's error."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    cfg = recipe.train
+    try:
+        return L.Trainer(
+            accelerator=cfg.accelerator,
+            devices=cfg.devices,
+            num_nodes=cfg.num_nodes,
+            strategy=cfg.strategy,  # ddp on CPU uses gloo: Lightning picks it from the accelerator
+            **settings,
+        )
+    except (MisconfigurationException, ImportError, RuntimeError, ValueError) as exc:
+        raise RexError(
+            f"Lightning cannot run accelerator={cfg.accelerator}, devices={cfg.devices}, "
+            f"num_nodes={cfg.num_nodes}, strategy={cfg.strategy}: {str(exc).splitlines()[0]}",
+            key="train.strategy",
+        ) from exc
 
 
 def run_one(
@@ -191,7 +225,8 @@ def fit_and_test(
         console.print(notice, style="yellow", markup=False, highlight=False)
     if before_fit is not None and not resume:
         before_fit(built)
-    if not resume:
+    writer = is_main_process(recipe)
+    if not resume and writer:
         atomic_write_text(run_dir / RECIPE_FILE, yaml.safe_dump({**resolved, "seed": seed}, sort_keys=False))
         atomic_write_json(run_dir / ENV_FILE, environment(built.data_hash))
     monitor = f"val/{recipe.eval.monitor}"
@@ -228,7 +263,7 @@ def fit_and_test(
     }
     if built.history_masking is not None:
         header["exclude_history"] = built.history_masking.exclude
-    recorder = MetricsRecorder(run_dir, header)
+    recorder = MetricsRecorder(run_dir, header, write=writer)
     throughput = Throughput(built.datamodule.task.samples)
     callbacks += [recorder, throughput, *extra_callbacks]
     if recipe.logging.wandb is not None:
@@ -258,11 +293,13 @@ def fit_and_test(
         "train",
         {
             "wall_time_s": round(previous_train.get("wall_time_s", 0.0) + fit_seconds, 2),
-            "samples_per_s": round(throughput.samples / throughput.seconds, 1)
+            # Ranks step together on equal shares, so one rank's rate times their number is the run's.
+            "samples_per_s": round(trainer.world_size * throughput.samples / throughput.seconds, 1)
             if throughput.seconds
             else None,
             "epochs": trainer.current_epoch,
             "global_steps": trainer.global_step,
+            "processes": trainer.world_size,
         },
     )
     if test:
@@ -298,7 +335,27 @@ def train(
             raise RexError("--reuse-stages: no such run folder", file=str(reuse_stages))
     recipe = loaded.recipe
     seed_list = [recipe.seeds[0] + i for i in range(seeds)] if seeds else recipe.seeds
-    root = new_run_dir(Path(recipe.logging.run_root).resolve(), recipe.name)
+    writer = is_main_process(recipe)
+    inherited = RUN_DIR_ENV in os.environ
+    root = _run_root(recipe)
+    try:
+        results = _train_seeds(loaded, seed_list, root, reuse_stages, writer)
+    finally:
+        if not inherited:
+            # Passed to this run's processes only: a later run in this process gets its own folder.
+            os.environ.pop(RUN_DIR_ENV, None)
+    if not writer:
+        return root
+    print_summary(recipe, results, root)
+    if summary_to is not None:
+        atomic_write_json(summary_to, {"recipe": recipe.name, "run": str(root), **summarize(results)})
+    return root
+
+
+def _train_seeds(
+    loaded: LoadedRecipe, seed_list: list[int], root: Path, reuse_stages: Path | None, writer: bool
+) -> list[dict[str, Any]]:
+    recipe = loaded.recipe
     try:
         if len(seed_list) == 1:
             results = [run_one(loaded, seed_list[0], root, reuse=reuse_stages)]
@@ -306,17 +363,29 @@ def train(
             results = []
             for seed in seed_list:
                 run_dir = root / f"seed-{seed}"
-                run_dir.mkdir()
-                console.rule(f"{recipe.name} · seed {seed}")
+                run_dir.mkdir(exist_ok=not writer)
+                if writer:
+                    console.rule(f"{recipe.name} · seed {seed}")
                 results.append(run_one(loaded, seed, run_dir, reuse=reuse_stages))
-            atomic_write_json(root / "summary.json", summarize(results))
+            if writer:
+                atomic_write_json(root / "summary.json", summarize(results))
     except BaseException as exc:
-        if not _remove_if_empty(root):
+        if writer and not _remove_if_empty(root):
             _mark_failed(root, exc)
         raise
-    print_summary(recipe, results, root)
-    if summary_to is not None:
-        atomic_write_json(summary_to, {"recipe": recipe.name, "run": str(root), **summarize(results)})
+    return results
+
+
+def _run_root(recipe: Recipe) -> Path:
+    """A new run folder, or the one the processes of a distributed run share."""
+    shared = shared_run_dir(recipe)
+    if shared is not None:
+        shared.mkdir(parents=True, exist_ok=True)
+        return shared
+    root = new_run_dir(Path(recipe.logging.run_root).resolve(), recipe.name)
+    if is_distributed(recipe):
+        # The processes Lightning starts on this machine inherit the environment.
+        os.environ[RUN_DIR_ENV] = str(root)
     return root
 
 
@@ -356,12 +425,15 @@ def resume(run_dir: Path) -> Path:
     # A staged run continues at its first unfinished stage, whether or not that one has started.
     if not loaded.stages and not (run_dir / CHECKPOINTS / "last.ckpt").is_file():
         raise RexError("no checkpoints/last.ckpt to resume from; start a new run instead", file=str(run_dir))
+    writer = is_main_process(loaded.recipe)
     try:
         result = run_one(loaded, loaded.recipe.seeds[0], run_dir, resume=True)
     except BaseException as exc:
-        _mark_failed(run_dir, exc)
+        if writer:
+            _mark_failed(run_dir, exc)
         raise
-    print_summary(loaded.recipe, [result], run_dir)
+    if writer:
+        print_summary(loaded.recipe, [result], run_dir)
     return run_dir
 
 
@@ -393,12 +465,13 @@ def print_summary(recipe: Recipe, results: list[dict[str, Any]], root: Path) -> 
     out.print(f"run folder: {root}   training wall time: {wall:.0f} s")
 
 
-def evaluate(target: Path, record: bool = False) -> dict[str, float]:
+def evaluate(target: Path, record: bool = False, devices: int = 1) -> dict[str, float] | None:
     """``rex eval``: test metrics of a run's best checkpoint (or of a given .ckpt file).
 
     ``record`` writes them into the run's metrics.json as its test result (after an evaluator
     fix, say), keeping the result they replace under ``retests``; only a run's own best.ckpt
-    may be recorded."""
+    may be recorded. ``devices`` > 1 splits the test set over that many data-parallel
+    processes; the metrics are the whole split's, returned by the main process (None elsewhere)."""
     if target.is_file():
         ckpt, run_dir = target, target.parent.parent
     else:
@@ -436,9 +509,10 @@ def evaluate(target: Path, record: bool = False) -> dict[str, float]:
         raise RexError(
             f"checkpoint does not match the run's recipe: {str(exc).splitlines()[0]}", file=str(ckpt)
         ) from exc
-    trainer = L.Trainer(
-        accelerator=recipe.train.accelerator,
-        devices=1,
+    trainer = distributed_trainer(
+        recipe.model_copy(
+            update={"train": recipe.train.model_copy(update={"devices": devices, "num_nodes": 1})}
+        ),
         logger=False,
         enable_model_summary=False,
         enable_progress_bar=False,
@@ -447,6 +521,8 @@ def evaluate(target: Path, record: bool = False) -> dict[str, float]:
     )
     result = trainer.test(built.module, datamodule=built.datamodule, verbose=False)[0]
     tested = {k.removeprefix("test/"): float(v) for k, v in result.items()}
+    if not trainer.is_global_zero:
+        return None
     if record:
         if ckpt.name != "best.ckpt":
             raise RexError(

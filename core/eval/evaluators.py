@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from rex.config.registry import register
 from rex.eval import metrics as M
+from rex.eval.gather import gather_rows
 
 
 class Evaluator:
@@ -89,7 +90,7 @@ class RankingEvaluator(Evaluator):
             self._ranks.append(M.target_rank(scores, chunk["target"]).cpu())
 
     def compute(self) -> dict[str, float]:
-        return ranking_metrics(torch.cat(self._ranks), self.metric_names, self._num_items)
+        return ranking_metrics(gather_rows(torch.cat(self._ranks)), self.metric_names, self._num_items)
 
 
 def ranking_metrics(ranks: Tensor, names: list[str], num_items: int | None) -> dict[str, float]:
@@ -136,5 +137,5 @@ class ClickEvaluator(Evaluator):
         self._parts.append((logit.cpu(), batch["label"].cpu(), batch["user"].cpu()))
 
     def compute(self) -> dict[str, float]:
-        logit, label, user = (torch.cat(part) for part in zip(*self._parts, strict=True))
+        logit, label, user = (gather_rows(torch.cat(part)) for part in zip(*self._parts, strict=True))
         return {name: self.CALLS[name](logit, label, user) for name in self.metric_names}

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from rex.config.registry import register
 from rex.eval import metrics as M
 from rex.eval.evaluators import Evaluator, check_metrics, ranking_metrics, trim_left_padding
+from rex.eval.gather import gather_rows, sum_counts
 
 
 class GenerativeModel(Protocol):
@@ -234,8 +235,9 @@ class GenerativeEvaluator(Evaluator):
         self._duplicate += int(repeats.sum())
 
     def compute(self) -> dict[str, float]:
-        out = ranking_metrics(torch.cat(self._ranks), self.metric_names, None)
-        share = max(self._returned, 1)
-        out["invalid_beams"] = self._invalid / share
-        out["duplicate_beams"] = self._duplicate / share
+        out = ranking_metrics(gather_rows(torch.cat(self._ranks)), self.metric_names, None)
+        returned, invalid, duplicate = sum_counts(self._returned, self._invalid, self._duplicate)
+        share = max(returned, 1)
+        out["invalid_beams"] = invalid / share
+        out["duplicate_beams"] = duplicate / share
         return out

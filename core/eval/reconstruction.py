@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from rex.components.quantizers.codes import codebook_usage, collision_rate
 from rex.config.registry import register
 from rex.eval.evaluators import Evaluator, check_metrics
+from rex.eval.gather import gather_rows, sum_counts
 
 
 @register("eval/reconstruction")
@@ -48,9 +49,10 @@ class ReconstructionEvaluator(Evaluator):
     def compute(self) -> dict[str, float]:
         if not self._codes or self._size is None:
             raise ValueError("eval/reconstruction saw no batches")
-        codes = torch.cat(self._codes)
+        codes = gather_rows(torch.cat(self._codes))
+        squared, elements = sum_counts(self._squared, self._elements)
         values = {
-            "recon_mse": lambda: self._squared / self._elements,
+            "recon_mse": lambda: squared / elements,
             "codebook_usage": lambda: float(codebook_usage(codes, self._size).min()),
             "collision_rate": lambda: collision_rate(codes),
         }

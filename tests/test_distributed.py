@@ -1,0 +1,113 @@
+"""Data-parallel runs (Lightning DDP, gloo on CPU) give the single-process results.
+
+The multi-process tests start real processes the way a user does: ``rex eval --devices 2``
+and a training script that Lightning's launcher re-runs as rank 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rex.data.loader import BatchLoader, Ragged, shard_batches, shard_count
+from rex.engine.train import train
+from tests.conftest import REPO, run_rex
+
+SHARDS_SCRIPT = Path(__file__).with_name("ddp_shards.py")
+
+
+@pytest.mark.parametrize(
+    ("rows", "batch_size", "world_size"),
+    [(11, 5, 2), (10, 5, 2), (3, 5, 2), (100, 7, 3), (9, 1, 4), (64, 8, 4)],
+)
+def test_each_row_goes_to_one_process_and_every_process_runs_the_same_steps(rows, batch_size, world_size):
+    batches = list(torch.randperm(rows, generator=torch.Generator().manual_seed(0)).split(batch_size))
+    shares = [shard_batches(batches, rank, world_size) for rank in range(world_size)]
+    assert {len(share) for share in shares} == {shard_count(len(batches), world_size)}
+    served = torch.cat([torch.cat(share) for share in shares])
+    assert sorted(served.tolist()) == list(range(rows))
+    assert all(len(batch) for share in shares for batch in share)
+
+
+def test_a_sharded_loader_serves_its_share_of_the_same_epoch_order():
+    lists = Ragged(torch.arange(1, 31), torch.arange(0, 31, 3), max_len=3)  # 10 rows of 3 ids
+    columns = {"row": torch.arange(10), "history": lists}
+    whole = BatchLoader(columns, batch_size=3, shuffle=True, seed=7)
+    whole.sampler.set_epoch(2)
+    unsharded = [batch["row"] for batch in whole]
+    shares = []
+    for rank in (0, 1):
+        loader = BatchLoader(columns, batch_size=3, shuffle=True, seed=7)
+        loader.shard(rank, 2)
+        loader.sampler.set_epoch(2)
+        shares.append([batch for batch in loader])
+        assert len(shares[-1]) == len(loader) == 2
+    # 4 batches: rank 0 runs the epoch's first and third, rank 1 its second and fourth.
+    assert torch.equal(shares[0][0]["row"], unsharded[0]) and torch.equal(shares[1][0]["row"], unsharded[1])
+    rows = torch.cat([batch["row"] for share in shares for batch in share])
+    assert sorted(rows.tolist()) == list(range(10))
+    for share in shares:  # each row keeps its own list
+        for batch in share:
+            assert torch.equal(batch["history"][:, -1], 3 * batch["row"] + 3)
+    with pytest.raises(ValueError, match="3 rows cannot be shared by 4 processes"):
+        BatchLoader({"row": torch.arange(3)}, batch_size=1).shard(0, 4)
+
+
+def _eval(run_dir: Path, devices: int, out: Path) -> dict[str, float]:
+    done = run_rex("eval", str(run_dir), "--devices", str(devices), "--output", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides"),
+    [
+        # 943 test users: an odd split, in 5 batches of 200 (the last one short).
+        ("sasrec.yaml", ["data.name=ml-100k", "eval.batch_size=200", "model.encoder.num_layers=1"]),
+        # CTR rows in 7 batches: two processes cannot share the batches evenly.
+        ("deepfm.yaml", ["eval.batch_size=3001"]),
+    ],
+)
+def test_two_process_evaluation_equals_one_process(recipe, overrides, data_home, tmp_path):
+    smoke = ["train.max_epochs=1", "train.limit_train_batches=3", f"logging.run_root={tmp_path}"]
+    run_dir = train(REPO / "recipes" / recipe, [*smoke, *overrides])
+    one = _eval(run_dir, 1, tmp_path / "one.json")
+    two = _eval(run_dir, 2, tmp_path / "two.json")
+    assert set(one) == set(two) and one
+    for name, value in one.items():
+        if name in ("auc", "gauc", "logloss"):
+            assert two[name] == pytest.approx(value, abs=1e-6), name
+        else:  # ranks are integers: their means agree exactly
+            assert two[name] == value, name
+
+
+def test_two_process_training_splits_each_epoch_between_the_processes(data_home, tmp_path):
+    """DeepFM for one epoch on 2 CPU processes: the ranks' batches are disjoint and cover it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env.pop("REX_RUN_DIR", None)
+    done = subprocess.run(
+        [sys.executable, str(SHARDS_SCRIPT), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    expected = torch.load(tmp_path / "epoch.pt", weights_only=True)
+    assert len(expected) == len(set(expected.tolist())), "row keys must be unique for this check"
+    assert len(seen[0]["batches"]) == len(seen[1]["batches"]) > 1
+    rows = [torch.cat(rank["batches"]) for rank in seen]
+    assert not set(rows[0].tolist()) & set(rows[1].tolist())
+    assert sorted(torch.cat(rows).tolist()) == sorted(expected.tolist())
+    # Both processes wrote into one run folder, and only one of them wrote its records.
+    (run_dir,) = (tmp_path / "runs" / "deepfm").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train"]["processes"] == 2 and "test" in metrics
