@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,72 @@ def test_two_process_training_splits_each_epoch_between_the_processes(data_home,
     (run_dir,) = (tmp_path / "runs" / "deepfm").iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["train"]["processes"] == 2 and "test" in metrics
+
+
+DDP_RESUME_ARGS = [
+    str(REPO / "recipes" / "deepfm.yaml"),
+    "train.devices=2",
+    "train.accelerator=cpu",
+    "train.max_epochs=2",
+    "train.batch_size=1024",
+    "train.checkpoint_every_n_steps=3",
+    "train.limit_eval_batches=4",
+    "logging.progress_bar=false",
+]
+
+
+def test_a_killed_two_process_run_resumes_with_two_processes_only(data_home, tmp_path):
+    reference = run_rex("train", *DDP_RESUME_ARGS, f"logging.run_root={tmp_path / 'straight'}")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    (straight_dir,) = (tmp_path / "straight" / "deepfm").iterdir()
+    expected = json.loads((straight_dir / "metrics.json").read_text())["test"]
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env.pop("REX_RUN_DIR", None)
+    # Its own process group: the kill takes the process Lightning started beside it too.
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rex.cli",
+            "train",
+            *DDP_RESUME_ARGS,
+            f"logging.run_root={tmp_path / 'killed'}",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    last = None
+    while time.monotonic() < deadline and child.poll() is None:
+        found = list((tmp_path / "killed").glob("deepfm/*/checkpoints/last.ckpt"))
+        if found:
+            last = found[0]
+            break
+        time.sleep(0.02)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    assert last is not None, "the run ended before its first mid-epoch checkpoint"
+    killed_dir = last.parent.parent
+    position = torch.load(last, weights_only=True)["RexDataModule"]
+    assert position["processes"] == 2 and position["mid_epoch"], position
+
+    # Another world size would split the interrupted epoch differently: refused, nothing lost.
+    recipe_file = killed_dir / "recipe.yaml"
+    written = recipe_file.read_text()
+    recipe_file.write_text(written.replace("devices: 2", "devices: 1"))
+    refused = run_rex("train", "--resume", str(killed_dir))
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "stopped mid-epoch in a run of 2 process(es)" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert last.is_file()
+
+    recipe_file.write_text(written)
+    resumed = run_rex("train", "--resume", str(killed_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = json.loads((killed_dir / "metrics.json").read_text())["test"]
+    for name in expected:
+        assert got[name] == pytest.approx(expected[name], abs=1e-6), name
