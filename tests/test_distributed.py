@@ -61,6 +61,21 @@ def test_a_sharded_loader_serves_its_share_of_the_same_epoch_order():
         BatchLoader({"row": torch.arange(3)}, batch_size=1).shard(0, 4)
 
 
+def test_sample_budget_batches_are_shared_the_same_way():
+    """train.batch_samples: batches of about n positions each, dealt to processes whole."""
+    weights = torch.randint(1, 40, (57,), generator=torch.Generator().manual_seed(3))
+    columns = {"row": torch.arange(57)}
+    shares = []
+    for rank in (0, 1, 2):
+        loader = BatchLoader(columns, batch_size=1, shuffle=True, seed=5, budget=(weights, 100))
+        loader.shard(rank, 3)
+        loader.sampler.set_epoch(1)
+        shares.append([batch["row"] for batch in loader])
+    assert len({len(share) for share in shares}) == 1
+    rows = torch.cat([torch.cat(share) for share in shares])
+    assert sorted(rows.tolist()) == list(range(57))
+
+
 def _eval(run_dir: Path, devices: int, out: Path) -> dict[str, float]:
     done = run_rex("eval", str(run_dir), "--devices", str(devices), "--output", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
