@@ -66,3 +66,63 @@ class SequentialRecommender(nn.Module):
             return {"logits": queries @ self.item_embedding.weight.T, "labels": batch["targets"][valid]}
         hidden = self.encode(batch["history"], last_only=True)
         return {"scores": hidden[:, -1] @ self.item_embedding.weight.T}
+
+
+@register("model/masked_sequential")
+class MaskedItemRecommender(SequentialRecommender):
+    """BERT4Rec (Sun et al., CIKM 2019): a bidirectional encoder trained to restore masked items.
+
+    Item id ``num_items`` is the mask token (its embedding row is never scored). Training batch:
+    the next-item task's ``items`` and ``targets`` (B, L), whose union is each row's window of
+    up to L + 1 items; the last ``max_len`` of them are kept, each real item is replaced by the
+    mask with probability ``mask_prob`` (at least one per row, the most recent when the draw
+    picks none), and the model returns ``logits`` (P, num_items) and ``labels`` (P,) at the P
+    masked positions. Scoring batch: ``history`` (B, L) with the mask appended, scored at that
+    position: ``scores`` (B, num_items). The encoder must not be causal, so that a masked item
+    sees the items after it.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        max_len: int,
+        encoder: Factory[nn.Module],
+        dim: int = 64,
+        dropout: float = 0.2,
+        mask_prob: float = 0.2,
+    ) -> None:
+        if not 0.0 < mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
+        super().__init__(num_items + 1, max_len, encoder, dim, dropout, positional=True)
+        if getattr(self.encoder, "causal", False):
+            raise ValueError("model/masked_sequential needs a bidirectional encoder: set causal: false")
+        self.num_items = num_items
+        self.mask_prob = mask_prob
+        self.max_len = max_len
+        # BERT4Rec's output head: a projection with GELU and LayerNorm, then tied embeddings + bias.
+        self.head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim))
+        self.output_bias = nn.Parameter(torch.zeros(num_items))
+
+    def _scores(self, hidden: Tensor) -> Tensor:
+        return self.head(hidden) @ self.item_embedding.weight[: self.num_items].T + self.output_bias
+
+    def _mask_items(self, sequences: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, W) left-padded ids → the ids with masks in, and the bool (B, W) masked positions."""
+        real = sequences > 0
+        masked = real & (torch.rand(sequences.shape, device=sequences.device) < self.mask_prob)
+        # Every row supervises something: the most recent item when the draw masked none.
+        none = ~masked.any(dim=1)
+        masked[:, -1] |= none & real[:, -1]
+        return sequences.masked_fill(masked, self.num_items), masked
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        if "targets" in batch:
+            items, targets = batch["items"], batch["targets"]
+            sequences = torch.cat([items, targets[:, -1:]], dim=1)[:, -self.max_len :]
+            inputs, masked = self._mask_items(sequences)
+            hidden = self.encode(inputs)
+            return {"logits": self._scores(hidden[masked]), "labels": sequences[masked]}
+        history = batch["history"]
+        mask = history.new_full((history.shape[0], 1), self.num_items)
+        hidden = self.encode(torch.cat([history, mask], dim=1)[:, -self.max_len :], last_only=True)
+        return {"scores": self._scores(hidden[:, -1])}
