@@ -15,10 +15,13 @@ class CTRModel(nn.Module):
 
     With ``interaction: interaction/fm`` and ``linear: true`` it is DeepFM; with
     ``interaction/cross`` DCN-V2 (parallel); with ``interaction/self_attention`` AutoInt+; with
-    ``interest: attention/target`` it is DIN. An interaction maps the (B, F, d) field embeddings
-    to a (B,) term added to the logit. Batch: one (B,) id tensor per categorical field,
-    plus ``history`` (B, L) item ids (left-padded with 0) when ``interest`` is set.
-    Returns ``logit`` (B,).
+    ``interest: attention/target`` it is DIN, with ``attention/low_rank`` LREA. An interaction
+    maps the (B, F, d) field embeddings to a (B,) term added to the logit. Batch: one (B,) id
+    tensor per categorical field, plus the ``history_key`` column (B, L) item ids (left-padded
+    with 0) when ``interest`` is set: ``history`` by default, or a joined user column such as
+    ``history_view``. ``search`` (``search/item_group``) narrows the history each target attends
+    to (SIM's hard search). Returns ``logit`` (B,), and any loss terms the interest module
+    returns beside its pooled vector (its ``extra_outputs``).
 
     With ``modality`` (an ``encoder/modality_table`` node, built once per name in
     ``modalities``), every item (the target and each history item) is its id embedding
@@ -37,9 +40,11 @@ class CTRModel(nn.Module):
         use_fields: list[str] | None = None,
         modality: Factory[nn.Module] | None = None,
         modalities: list[str] | None = None,
+        history_key: str = "history",
+        search: Factory[nn.Module] | None = None,
     ) -> None:
         super().__init__()
-        self.outputs = frozenset({"logit"})
+        self.history_key = history_key
         if use_fields is not None:
             unknown = sorted(set(use_fields) - set(fields))
             if unknown:
@@ -57,6 +62,10 @@ class CTRModel(nn.Module):
         )
         extra = sum(table.dim for table in self.modality_tables)
         self.interest = interest(dim=dim + extra) if interest is not None else None
+        if search is not None and interest is None:
+            raise ValueError("search narrows what the interest module attends to: set interest too")
+        self.search = search() if search is not None else None
+        self.outputs = frozenset({"logit", *getattr(self.interest, "extra_outputs", ())})
         width = len(fields) * dim + extra + (dim + extra if self.interest is not None else 0)
         self.tower = tower(in_dim=width)
         self.head = nn.Linear(self.tower.out_dim, 1)
@@ -81,13 +90,20 @@ class CTRModel(nn.Module):
         if self.modality_tables:
             target = self._with_modalities(batch["item"], target)
         parts = [embedded.flatten(1), target[:, embedded.shape[-1] :]]
+        extra: dict[str, Tensor] = {}
         if self.interest is not None:
-            history = batch["history"]
+            history = batch[self.history_key]
             behaviours = self._with_modalities(history, self.embed.lookup("item", history))
-            parts.append(self.interest(target, behaviours, history > 0))
+            mask = history > 0
+            if self.search is not None:
+                mask = self.search(batch["item"], history, mask)
+            interest = self.interest(target, behaviours, mask)
+            if isinstance(interest, tuple):  # the pooled vector and the module's loss terms
+                interest, extra = interest
+            parts.append(interest)
         logit = self.head(self.tower(torch.cat(parts, dim=1))).squeeze(-1)
         if self.interaction is not None:
             logit = logit + self.interaction(embedded)
         if self.first_order is not None and self.bias is not None:
             logit = logit + self.first_order(batch).sum(dim=(1, 2)) + self.bias
-        return {"logit": logit}
+        return {"logit": logit, **extra}

@@ -28,6 +28,8 @@ MODULES = (
     "rex.eval.metrics",
     "rex.eval.reconstruction",
     "rex.components.attention.cross",
+    "rex.components.attention.low_rank",
+    "rex.components.attention.search",
     "rex.components.attention.target",
     "rex.components.clustering.kmeans",
     "rex.components.denoisers.conditional",
