@@ -90,11 +90,12 @@ def measure(method: str, length: int, users: int, candidates: int, chunk: int) -
 def auc_cost() -> dict[str, object] | None:
     """Test AUC of LREA and DIN over the full history from the results runs, when both exist."""
     rows = {}
-    for label, entry in (("lrea", "LREA"), ("din_full", "DIN, full history")):
-        summary = RESULTS / "ml-100k-long" / entry.replace(" ", "_").replace(",", "") / "summary.json"
-        if not summary.is_file():
+    for label, folder in (("lrea", "lrea"), ("din_full", "din-full-history")):
+        # scripts/results.py's layout: <section>/<entry>/<recipe>/<timestamp>/summary.json
+        summaries = sorted((RESULTS / "ml-100k-long" / folder).glob("*/*/summary.json"))
+        if not summaries:
             return None
-        stats = json.loads(summary.read_text())["test"]["auc"]
+        stats = json.loads(summaries[-1].read_text())["test"]["auc"]
         rows[label] = {"mean": stats["mean"], "std": stats["std"], "seeds": len(stats["values"])}
     difference = rows["din_full"]["mean"] - rows["lrea"]["mean"]
     return {**rows, "auc_below_din_full": difference}
