@@ -73,11 +73,19 @@ class TrainConfig(Strict):
     devices: int | Literal["auto"] = Field(
         1, description="devices (processes) per machine, passed to Lightning; >1 trains data-parallel"
     )
-    num_nodes: int = Field(1, ge=1, description="machines, passed to Lightning (torchrun or SLURM starts them)")
+    num_nodes: int = Field(
+        1, ge=1, description="machines, passed to Lightning (torchrun or SLURM starts them)"
+    )
     strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = Field(
         "auto", description="Lightning's distribution strategy (deepspeed: where it is installed)"
     )
     compile: bool = Field(False, description="torch.compile the model before training")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, precision: object) -> object:
+        # `train.precision=32` on the command line is read as YAML, an int.
+        return str(precision) if isinstance(precision, int) and not isinstance(precision, bool) else precision
 
     @field_validator("devices")
     @classmethod

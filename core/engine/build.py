@@ -119,6 +119,7 @@ def build_run(
             recipe.scheduler,
             str(recipe.eval.monitor),
             count_samples=datamodule.task.samples,
+            compile_model=recipe.train.compile,
         )
         frozen = freeze(module, recipe.freeze)
     except RecipeError as exc:

@@ -35,9 +35,11 @@ class RexModule(L.LightningModule):
         scheduler: dict[str, Any] | None,
         monitor: str,
         count_samples: Callable[[dict[str, Tensor]], int] | None = None,
+        compile_model: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
+        self.compile_model = compile_model
         self.loss_modules = nn.ModuleList([loss.module for loss in losses])
         self.losses = losses
         self.evaluator = evaluator
@@ -45,6 +47,7 @@ class RexModule(L.LightningModule):
         self.scheduler_node = scheduler
         self.monitor = monitor
         self.count_samples = count_samples or (lambda batch: int(next(iter(batch.values())).shape[0]))
+        self._compiled = False
         self._last_step_end: float | None = None
         # The epoch's loss sums as (sum of row-weighted losses, rows), kept by hand rather than by
         # Lightning's on_epoch logging, which restarts at a resume: they go into checkpoints, so
@@ -54,6 +57,20 @@ class RexModule(L.LightningModule):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return self.model(batch)
+
+    def configure_model(self) -> None:
+        """``train.compile``: compile the model's calls with ``torch.compile``, in place.
+
+        ``nn.Module.compile`` keeps the model the same object, so state_dict keys stay as they
+        are and checkpoints load into compiled and eager models alike (``torch.compile(model)``
+        would prefix each key with ``_orig_mod.``). Compiling here rather than at build time runs
+        it in the strategy's context, where a sharding strategy expects changes to the model.
+        Lightning calls the hook at every fit and test; recompiling there would drop the
+        compiled code, hence the check.
+        """
+        if self.compile_model and not self._compiled:
+            self.model.compile()
+            self._compiled = True
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         outputs = self.model(batch)
@@ -86,7 +103,8 @@ class RexModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self._epoch_of_losses == self.current_epoch:
             for name, (total, count) in self._epoch_losses.items():
-                self.log(f"{name}_epoch", total / max(count, 1), on_step=False, on_epoch=True)
+                # sync_dist: each data-parallel process summed its own share of the epoch
+                self.log(f"{name}_epoch", total / max(count, 1), on_step=False, on_epoch=True, sync_dist=True)
 
     def _log_throughput(self, samples: int) -> None:
         now = time.perf_counter()

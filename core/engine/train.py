@@ -513,6 +513,7 @@ def evaluate(target: Path, record: bool = False, devices: int = 1) -> dict[str, 
         recipe.model_copy(
             update={"train": recipe.train.model_copy(update={"devices": devices, "num_nodes": 1})}
         ),
+        precision=recipe.train.precision,  # a bf16 run is tested in bf16, as its own test was
         logger=False,
         enable_model_summary=False,
         enable_progress_bar=False,
