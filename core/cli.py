@@ -33,6 +33,23 @@ out = Console(emoji=False)  # user text (names, ids, errors) is printed as writt
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="dotlist overrides such as train.max_epochs=5", show_default=False)
 ]
+Storage = Annotated[
+    str | None,
+    typer.Option(
+        help="study storage URL over the spec's storage:, e.g. postgresql://rex:rex@127.0.0.1:5432/rex "
+        "(scripts/postgres.sh starts a local server); REX_SWEEP_STORAGE also sets it",
+        show_default=False,
+    ),
+]
+
+
+def _use_storage(url: str | None) -> None:
+    """``--storage`` reaches every spec this command loads, and the workers it starts, as
+    REX_SWEEP_STORAGE: the environment keeps a password out of the files they share."""
+    from rex.sweep.spec import STORAGE_ENV
+
+    if url is not None:
+        os.environ[STORAGE_ENV] = url
 
 
 @app.command()
@@ -169,6 +186,23 @@ def sweep(
     ] = None,
     workers: Annotated[int, typer.Option(min=1, help="local worker processes sharing the study")] = 1,
     resume: Annotated[bool, typer.Option(help="continue an interrupted study")] = False,
+    storage: Storage = None,
+    join: Annotated[
+        bool,
+        typer.Option(
+            help="a worker of a study shared across machines (one per job-array task): create the study "
+            "or continue it, run trials until it is full, then stop; `--resume` afterwards settles it "
+            "and tests the best trial"
+        ),
+    ] = False,
+    worker_index: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="number of this machine's first worker, which offsets the sampler seed (a job "
+            "array passes its task id, so workers do not draw the same trials)",
+        ),
+    ] = 0,
     timeout: Annotated[float | None, typer.Option(min=1, help="seconds after which no trial starts")] = None,
     seeds: Annotated[int | None, typer.Option(min=1, help="seeds of the best trial's re-run on test")] = None,
     test: Annotated[bool, typer.Option(help="re-run the best trial's recipe on test at the end")] = True,
@@ -185,6 +219,9 @@ def sweep(
     """Optuna study over a recipe: trials select on validation, the best is re-run on test."""
     from rex.sweep import study as sweeping
 
+    if join and resume:
+        raise RexError("--join already continues the study: drop --resume", file="command line")
+    _use_storage(storage)
     if export_best:
         from rex.sweep.export import export_best as write_best
 
@@ -197,6 +234,8 @@ def sweep(
         trials=trials,
         workers=workers,
         resume=resume,
+        join=join,
+        worker_index=worker_index,
         timeout=timeout,
         test_seeds=seeds,
         test=test,
@@ -215,11 +254,13 @@ def report(
         bool, typer.Option(help="also publish the comparison to W&B (offline without a key)")
     ] = False,
     wandb_project: Annotated[str, typer.Option(help="W&B project for --wandb")] = "rex",
+    storage: Storage = None,
 ) -> None:
     """Comparison table (Markdown, CSV), PNG plots and one self-contained HTML page."""
     from rex.eval.report import publish_wandb
     from rex.eval.report import report as make_report
 
+    _use_storage(storage)
     result = make_report(targets, out_dir)
     out.print(
         f"report: {result.html} ({len(result.plots)} plots, table in {result.markdown.name} and "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,6 +24,9 @@ from rex.config.recipe import read_yaml_mapping
 from rex.eval.names import lower_is_better
 
 Direction = Literal["maximize", "minimize"]
+# The study's storage URL, over a spec's storage: (`--storage` sets it). A URL may hold a
+# password: the environment keeps it out of files, and local workers get it this way too.
+STORAGE_ENV = "REX_SWEEP_STORAGE"
 
 
 # A condition is a recipe path (active when that value is set, i.e. not null) or a mapping
@@ -147,7 +151,9 @@ class SweepSpec(Strict):
     timeout: float | None = Field(None, gt=0, description="seconds; no trial starts after it")
     seeds: int = Field(1, ge=1, description="seeds per trial; the objective is their mean")
     test_seeds: int = Field(1, ge=1, description="seeds of the best trial's final re-run on test")
-    storage: str | None = Field(None, description="SQLAlchemy URL (default: SQLite in .studies/)")
+    storage: str | None = Field(
+        None, description=f"SQLAlchemy URL (default: SQLite in .studies/); --storage or {STORAGE_ENV} wins"
+    )
     heartbeat_interval: int = Field(10, ge=1, description="seconds between a running trial's heartbeats")
     grace_period: int = Field(60, ge=2, description="a trial silent this long is stale and marked failed")
 
@@ -180,10 +186,11 @@ def _error_key(loc: tuple[Any, ...]) -> str:
 
 
 def load_spec(path: Path) -> SweepSpec:
+    """The checked spec, with its storage replaced by ``REX_SWEEP_STORAGE`` where that is set."""
     shown = str(path)
     data = read_yaml_mapping(path, shown, "sweep spec", "recipe, params, objective, ...")
     try:
-        return SweepSpec.model_validate(data)
+        spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         key = _error_key(err["loc"])
@@ -205,6 +212,8 @@ def load_spec(path: Path) -> SweepSpec:
             if err["type"] == "literal_error":
                 message += f" (got {err['input']!r})"
         raise RecipeError(message, file=shown, key=key or None) from exc
+    spec.storage = os.environ.get(STORAGE_ENV) or spec.storage
+    return spec
 
 
 def _allowed(parent: str) -> list[str]:

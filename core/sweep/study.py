@@ -5,9 +5,10 @@ an ordinary run folder (``trials/trial-NNNN``) that records its trial number in 
 the trial stores that folder as its ``run_dir`` user attribute. Trials select on validation only
 (they never touch the test split); the best trial's recipe is re-run on test at the end.
 
-Several local worker processes (``--workers N``) or workers on other machines share one study
-through its storage (SQLite by default, any SQLAlchemy URL otherwise). Running trials send
-heartbeats, so a trial whose worker was killed is marked failed once it falls silent.
+Several local worker processes (``--workers N``) or workers on other machines (``--join``, one
+command per machine or job-array task) share one study through its storage (SQLite by default,
+any SQLAlchemy URL otherwise, such as a PostgreSQL server). Running trials send heartbeats, so a
+trial whose worker was killed is marked failed once it falls silent.
 This module is the driver; ``space``, ``worker``, ``storage`` and ``export`` beside it hold the
 search, the workers, the storage and ``--export-best``.
 """
@@ -115,23 +116,26 @@ def prepare(
     return Prepared(spec, job, base)
 
 
-def _open_study(prep: Prepared, resume: bool) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
+def _open_study(prep: Prepared, resume: bool, join: bool) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
+    """The study, created if new. Only ``--join`` takes it either way: workers of a job array
+    start in any order, so the first creates it and the others continue it."""
     spec, job = prep.spec, prep.job
     storage = make_storage(job.storage, spec, job.spec_path)
-    exists = any(s.study_name == job.name for s in optuna.get_all_study_summaries(storage))
-    if exists and not resume:
-        study = optuna.load_study(study_name=job.name, storage=storage)
-        if study.get_trials(deepcopy=False):
+    if not join:
+        exists = any(s.study_name == job.name for s in optuna.get_all_study_summaries(storage))
+        if exists and not resume:
+            study = optuna.load_study(study_name=job.name, storage=storage)
+            if study.get_trials(deepcopy=False):
+                raise RexError(
+                    f"study {job.name!r} already has {len(study.trials)} trials in "
+                    f"{shown_storage(job.storage)}; pass --resume to continue it, or set another name: in the spec",
+                    file=job.spec_path,
+                )
+        if resume and not exists:
             raise RexError(
-                f"study {job.name!r} already has {len(study.trials)} trials in {shown_storage(job.storage)}; "
-                "pass --resume to continue it, or set another name: in the spec",
+                f"--resume: no study {job.name!r} in {shown_storage(job.storage)}; start it without --resume",
                 file=job.spec_path,
             )
-    if resume and not exists:
-        raise RexError(
-            f"--resume: no study {job.name!r} in {shown_storage(job.storage)}; start it without --resume",
-            file=job.spec_path,
-        )
     study = optuna.create_study(
         study_name=job.name,
         storage=storage,
@@ -149,7 +153,9 @@ def _workers(job: Job, count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
     atomic_write_json(job_file, {**asdict(job), "storage": None})
     env = {**os.environ, STORAGE_ENV: job.storage}
     procs = [
-        subprocess.Popen([sys.executable, "-m", "rex.cli", "sweep-worker", str(job_file), str(i)], env=env)
+        subprocess.Popen(
+            [sys.executable, "-m", "rex.cli", "sweep-worker", str(job_file), str(job.worker + i)], env=env
+        )
         for i in range(count)
     ]
     try:
@@ -188,21 +194,27 @@ def sweep(
     trials: int | None = None,
     workers: int = 1,
     resume: bool = False,
+    join: bool = False,
+    worker_index: int = 0,
     timeout: float | None = None,
     test_seeds: int | None = None,
     test: bool = True,
 ) -> Path:
+    """Run the study's trials in ``workers`` local processes (numbered from ``worker_index``, which
+    offsets their sampler seeds), then settle it, sum it up and test the best trial; with
+    ``join``, only run trials: other workers may still be training."""
     started = time.time()
     prep = prepare(spec_path, cli_overrides, trials, timeout, workers)
     spec, job = prep.spec, prep.job
-    study, storage = _open_study(prep, resume)
+    job.worker = worker_index
+    study, storage = _open_study(prep, resume, join)
     Path(job.sweep_dir).mkdir(parents=True, exist_ok=True)
     console.print(
         f"study {job.name}: {spec.trials} trials, {workers} worker(s), storage {shown_storage(job.storage)}",
         markup=False,
         highlight=False,
     )
-    if resume:
+    if resume or join:
         fail_silent_trials(study, storage, spec)
     # `kill PID` of the driver: exit through the finally blocks, which stop the workers.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -214,8 +226,20 @@ def sweep(
         for i, code in enumerate(codes):
             if code != 0:
                 console.print(
-                    f"[yellow]worker {i} exited with code {code}; its trial is marked failed[/yellow]"
+                    f"[yellow]worker {job.worker + i} exited with code {code}; "
+                    "its trial is marked failed[/yellow]"
                 )
+    if join:
+        counts = summarize_study(study, job)["counts"]
+        out.print(
+            f"study {job.name}: {sum(counts.values())} of {spec.trials} trials ({_counts(counts)}); when "
+            f"every worker is done, `rex sweep {spec_path} --resume` on the same storage settles it and "
+            "tests the best trial",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        return Path(job.sweep_dir)
     _settle_stale(study, storage, spec)
     summary = summarize_study(study, job)
     summary["wall_time_s"] = round(time.time() - started, 1)
@@ -241,6 +265,10 @@ def sweep(
     atomic_write_json(Path(job.sweep_dir) / SWEEP_FILE, summary)
     out.print(f"sweep folder: {job.sweep_dir}", markup=False, highlight=False, soft_wrap=True)
     return Path(job.sweep_dir)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items()))
 
 
 def _test_metrics(root: Path) -> dict[str, Any]:

@@ -5,8 +5,10 @@ same path as ``rex train``. Trials select on validation only."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +73,10 @@ class _Gate:
 def _lock_path(job: Job) -> Path:
     if job.storage.startswith("sqlite:///"):
         return Path(job.storage.removeprefix("sqlite:///") + ".lock")
-    return Path(job.sweep_dir) / ".trial.lock"
+    # In the machine's temporary folder, not the sweep folder: that may be on a cluster's shared
+    # file system, where flock is slow or refused, and the lock only ever guards this machine.
+    key = hashlib.sha256(f"{job.storage}\n{job.name}".encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"rex-sweep-{key}.lock"
 
 
 def run_trial(trial: optuna.Trial, job: Job, spec: SweepSpec, base: dict[str, Any]) -> float:
