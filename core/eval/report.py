@@ -311,10 +311,18 @@ def plot_study(sweep: SweepInfo, folder: Path) -> list[Path]:
     spec_path = Path(sweep.summary["spec"])
     spec = load_spec(spec_path)
     name = sweep.summary["study"]
-    study = optuna.load_study(
-        study_name=name,
-        storage=make_storage(spec.storage or default_storage(spec_path, name), spec, spec_path),
-    )
+    try:
+        study = optuna.load_study(
+            study_name=name,
+            storage=make_storage(spec.storage or default_storage(spec_path, name), spec, spec_path),
+        )
+    except KeyError as exc:  # Optuna's "no such study": this storage is not the sweep's
+        raise RexError(
+            f"study {name!r} is not in the spec's storage; a sweep run on another storage (a "
+            "PostgreSQL server, say) is reported with the same --storage URL or REX_SWEEP_STORAGE",
+            file=str(spec_path),
+            key="storage",
+        ) from exc
     made = []
     for kind, draw in (
         ("optimization_history", ovm.plot_optimization_history),
