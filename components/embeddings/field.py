@@ -53,9 +53,12 @@ class FieldEmbedding(nn.Module):
         return self.offsets[torch.tensor(index, device=self.offsets.device)]
 
     def forward(self, batch: dict[str, Tensor], names: list[str] | None = None) -> Tensor:
+        return self._rows(self.global_ids(batch, names))
+
+    def global_ids(self, batch: dict[str, Tensor], names: list[str] | None = None) -> Tensor:
+        """(B, F) the fields' ids as rows of the fused table: unique across fields."""
         names = self.names if names is None else names
-        ids = torch.stack([batch[n] for n in names], dim=-1)  # (B, F)
-        return self._rows(ids + self._offsets_for(names))
+        return torch.stack([batch[n] for n in names], dim=-1) + self._offsets_for(names)
 
     def lookup(self, field: str, ids: Tensor) -> Tensor:
         if field not in self._offset:

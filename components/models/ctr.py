@@ -15,6 +15,7 @@ class CTRModel(nn.Module):
 
     With ``interaction: interaction/fm`` and ``linear: true`` it is DeepFM; with
     ``interaction/cross`` DCN-V2 (parallel); with ``interaction/self_attention`` AutoInt+; with
+    ``interaction/dual_attention`` Dual Enhanced Attention; with
     ``interest: attention/target`` it is DIN, with ``attention/low_rank`` LREA. An interaction
     maps the (B, F, d) field embeddings to a (B,) term added to the logit. Batch: one (B,) id
     tensor per categorical field, plus the ``history_key`` column (B, L) item ids (left-padded
@@ -103,7 +104,9 @@ class CTRModel(nn.Module):
             parts.append(interest)
         logit = self.head(self.tower(torch.cat(parts, dim=1))).squeeze(-1)
         if self.interaction is not None:
-            logit = logit + self.interaction(embedded)
+            # An interaction that memorises feature pairs (dual_attention) reads their ids too.
+            ids = (self.embed.global_ids(batch),) if getattr(self.interaction, "reads_ids", False) else ()
+            logit = logit + self.interaction(embedded, *ids)
         if self.first_order is not None and self.bias is not None:
             logit = logit + self.first_order(batch).sum(dim=(1, 2)) + self.bias
         return {"logit": logit, **extra}

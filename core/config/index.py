@@ -46,6 +46,7 @@ MODULES = (
     "rex.components.gates.fdaf",
     "rex.components.gates.router",
     "rex.components.interactions.cross",
+    "rex.components.interactions.dual_attention",
     "rex.components.interactions.fm",
     "rex.components.interactions.self_attention",
     "rex.components.losses.classification",

@@ -114,7 +114,9 @@ def trim_left_padding(history: Tensor) -> Tensor:
 class ClickEvaluator(Evaluator):
     """AUC, gAUC and logloss of ``logit`` (B,) against ``label`` (B,) over a split's rows.
 
-    gAUC groups the rows by ``user`` (B,)."""
+    gAUC groups the rows by ``user`` (B,). ``abundance``, the embedding-collapse measure, is
+    the model's, not the rows': the mean information abundance of its fields' embedding
+    matrices (a model with an ``embed`` field table, as model/ctr has)."""
 
     reads = ("logit",)
     # How each CTR metric of the table is called: logloss takes probabilities, gauc the users.
@@ -125,17 +127,36 @@ class ClickEvaluator(Evaluator):
     }
 
     def __init__(self, metrics: list[str]) -> None:
-        self.metric_names = check_metrics(metrics, list(self.CALLS), "eval/click")
+        self.metric_names = check_metrics(metrics, [*self.CALLS, "abundance"], "eval/click")
         self.reset()
 
     def reset(self) -> None:
         self._parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._model: nn.Module | None = None
 
     @torch.no_grad()
     def update(self, model: nn.Module, batch: dict[str, Tensor]) -> None:
+        self._model = model
         logit = model(batch)["logit"].float()
         self._parts.append((logit.cpu(), batch["label"].cpu(), batch["user"].cpu()))
 
     def compute(self) -> dict[str, float]:
         logit, label, user = (gather_rows(torch.cat(part)) for part in zip(*self._parts, strict=True))
-        return {name: self.CALLS[name](logit, label, user) for name in self.metric_names}
+        out = {name: self.CALLS[name](logit, label, user) for name in self.metric_names if name in self.CALLS}
+        if "abundance" in self.metric_names:
+            out["abundance"] = field_abundance(self._model)
+        return {name: out[name] for name in self.metric_names}
+
+
+def field_abundance(model: nn.Module | None) -> float:
+    """Mean information abundance of the fields' embedding matrices of ``model.embed``."""
+    table = getattr(model, "embed", None)
+    vocab = getattr(table, "vocab_sizes", None)
+    if table is None or not isinstance(vocab, dict):
+        raise ValueError("abundance needs a model with a field embedding table (model/ctr's embed)")
+    weight = table.embedding.weight
+    values = [
+        M.information_abundance(table.lookup(name, torch.arange(size, device=weight.device)))
+        for name, size in vocab.items()
+    ]
+    return sum(values) / len(values)

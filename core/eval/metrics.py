@@ -255,6 +255,26 @@ def _ranks(ranks: torch.Tensor) -> torch.Tensor:
     return ranks.detach()
 
 
+@register("metric/abundance")
+def information_abundance(matrix: torch.Tensor) -> float:
+    """Information abundance of an embedding matrix (Guo et al., ICML 2024, "On the Embedding
+    Collapse When Scaling Up Recommendation Models"): the sum of its singular values over the
+    largest, between 1 (rank one, fully collapsed) and ``min(n, d)`` (all directions equal).
+
+    Args:
+        matrix: ``(n, d)`` embedding rows.
+
+    Returns:
+        ``sum(sigma) / max(sigma)``; ``nan`` for an all-zero or empty matrix.
+    """
+    if matrix.dim() != 2:
+        raise ValueError(f"matrix must be (n, d), got shape {tuple(matrix.shape)}")
+    sigma = torch.linalg.svdvals(matrix.detach().to(torch.float64))
+    if sigma.numel() == 0 or float(sigma[0]) == 0.0:
+        return math.nan
+    return float(sigma.sum() / sigma[0])
+
+
 @register("metric/hit")
 def hit_at_k(ranks: torch.Tensor, k: int, num_items: int | None = None) -> torch.Tensor:
     """Hit rate @k per row.
