@@ -42,7 +42,9 @@ def test_a_pairs_combo_embedding_changes_only_the_rows_holding_that_pair() -> No
     after = layer(emb, ids).detach()
     assert not torch.isclose(after[0], before[0]) and torch.equal(after[1], before[1])
     # A row that no pair of the batch holds changes nothing.
-    unused = next(r for r in range(4099) if r not in rows.flatten().tolist() and r not in layer.combo_rows(ids)[1])
+    unused = next(
+        r for r in range(4099) if r not in rows.flatten().tolist() and r not in layer.combo_rows(ids)[1]
+    )
     with torch.no_grad():
         layer.codebooks[0].weight[unused] += 1.0
     assert torch.equal(layer(emb, ids).detach(), after)
