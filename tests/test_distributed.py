@@ -197,3 +197,39 @@ def test_a_killed_two_process_run_resumes_with_two_processes_only(data_home, tmp
     got = json.loads((killed_dir / "metrics.json").read_text())["test"]
     for name in expected:
         assert got[name] == pytest.approx(expected[name], abs=1e-6), name
+
+
+def test_torchrun_processes_share_one_run_folder_named_by_the_job(data_home, tmp_path):
+    """torchrun starts both processes itself; they agree on runs/<recipe>/job-<rdzv id>."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env.pop("REX_RUN_DIR", None)
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("torchrun")),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "rex.cli",
+            "train",
+            str(REPO / "recipes" / "deepfm.yaml"),
+            "train.devices=2",
+            "train.accelerator=cpu",
+            "train.max_epochs=1",
+            "train.limit_train_batches=4",
+            "train.limit_eval_batches=2",
+            "logging.progress_bar=false",
+            f"logging.run_root={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "deepfm").iterdir()
+    assert run_dir.name.startswith("job-")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train"]["processes"] == 2 and set(metrics["test"]) == {"auc", "gauc", "logloss"}
+    assert done.stdout.count("run folder:") == 1  # the summary is printed once, by rank 0
