@@ -32,10 +32,13 @@ class DataConfig(Strict):
     stream: bool = Field(
         False,
         description="read training batches from the Lance tables fragment by fragment instead of "
-        "holding whole columns in memory",
+        "holding whole columns in memory (ctr-style tasks, whose rows are served as stored)",
     )
     stream_buffer_rows: int = Field(
-        65_536, ge=1, description="data.stream: rows held (and shuffled) at a time"
+        65_536,
+        ge=1,
+        description="data.stream: rows shuffled together; two such buffers are held, one served "
+        "while the next is read (at least a batch)",
     )
     user_columns: list[str] = Field(
         [],

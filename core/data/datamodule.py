@@ -23,6 +23,7 @@ from rex.data.loader import BatchLoader, Column, Ragged
 from rex.data.schema import DatasetSchema, ViewSpec, load_schema
 
 if TYPE_CHECKING:
+    from rex.data.stream import StreamLoader
     from rex.data.tasks import Task
 
 INT32 = np.iinfo(np.int32)
@@ -148,7 +149,7 @@ class RexDataModule(L.LightningDataModule):
                 key="data.view",
             )
         self.view: ViewSpec = view
-        self._loaders: dict[str, BatchLoader] = {}
+        self._loaders: dict[str, BatchLoader | StreamLoader] = {}
         self._user_join: UserJoin | None = None
         self._item_features: dict[str, Tensor] | None = None
 
@@ -242,10 +243,14 @@ class RexDataModule(L.LightningDataModule):
         self._user_join = UserJoin({n: c for n, c in columns.items() if isinstance(c, Ragged)})
         return self._user_join
 
-    def loader(self, split: str) -> BatchLoader:
-        """The split's loader, read from Lance on first use (a test split is not read to train)."""
+    def loader(self, split: str) -> BatchLoader | StreamLoader:
+        """The split's loader, read from Lance on first use (a test split is not read to train).
+        With ``data.stream`` the train split is read a buffer at a time as it is served."""
         if split not in self._loaders:
             train = split == "train"
+            if train and self.recipe.data.stream:
+                self._loaders[split] = self._stream_loader()
+                return self._loaders[split]
             columns = self.task.columns(self, split)
             budget = None
             if train and self.recipe.train.batch_samples is not None:
@@ -263,16 +268,37 @@ class RexDataModule(L.LightningDataModule):
             )
         return self._loaders[split]
 
-    def train_dataloader(self) -> BatchLoader:
+    def _stream_loader(self) -> StreamLoader:
+        from rex.data.stream import StreamLoader  # it imports this module
+
+        names = self.task.stream_columns(self)
+        if names is None:
+            raise DataError(
+                f"task {self.recipe.task} builds its training rows from the table rather than "
+                "serving them as stored, so they cannot be streamed: remove data.stream",
+                key="data.stream",
+            )
+        data = self.recipe.data
+        return StreamLoader(
+            self.table("train"),
+            names,
+            self.recipe.train.batch_size,
+            buffer_rows=data.stream_buffer_rows,
+            max_len=data.max_len,
+            seed=self.seed,
+            transform=_then(self.task.transform("train"), self.user_join()),
+        )
+
+    def train_dataloader(self) -> BatchLoader | StreamLoader:
         return self._this_process(self.loader("train"))
 
-    def val_dataloader(self) -> BatchLoader:
+    def val_dataloader(self) -> BatchLoader | StreamLoader:
         return self._this_process(self.loader("valid"))
 
-    def test_dataloader(self) -> BatchLoader:
+    def test_dataloader(self) -> BatchLoader | StreamLoader:
         return self._this_process(self.loader("test"))
 
-    def _this_process(self, loader: BatchLoader) -> BatchLoader:
+    def _this_process(self, loader: BatchLoader | StreamLoader) -> BatchLoader | StreamLoader:
         """The loader serving this process's share of each epoch, in a data-parallel run."""
         trainer = self.trainer
         if trainer is not None:

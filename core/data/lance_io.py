@@ -152,11 +152,12 @@ def swap_into_place(new: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _rebuild_hint(path: Path) -> str:
-    """How to rebuild the dataset that holds the table at ``path``: re-import an imported one
+def _rebuild_hint(location: str | Path) -> str:
+    """How to rebuild the dataset that holds the table at ``location``: re-import an imported one
     (its schema.json records the mapping), prepare a built-in one."""
     from rex.data.schema import SCHEMA_FILE, load_schema, rebuild_hint
 
+    path = Path(location)
     if (path.parent / SCHEMA_FILE).is_file():
         with contextlib.suppress(DataError):  # an unreadable schema.json: rebuild by name
             return rebuild_hint(load_schema(path.parent))
@@ -164,29 +165,45 @@ def _rebuild_hint(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def _lance_failures(path: Path, what: str) -> Iterator[None]:
-    """Turn any failure of the Lance calls inside into a DataError: ``<path>: <what> (why); fix``."""
+def lance_failures(location: str | Path, what: str) -> Iterator[None]:
+    """Turn any failure of the Lance calls inside into a DataError: ``<location>: <what> (why); fix``."""
     try:
         with _without_panic_reports():
             yield
     except BaseException as exc:
         _reraise_interrupts(exc)
-        raise DataError(f"{path}: {what} ({_first_line(exc)}); {_rebuild_hint(path)}") from exc
+        raise DataError(f"{location}: {what} ({_first_line(exc)}); {_rebuild_hint(location)}") from exc
 
 
-def _open(path: Path) -> tuple[lance.LanceDataset, list[str]]:
-    """The table at ``path`` and its column names."""
-    if not path.exists():
-        raise DataError(f"{path}: table missing; run `rex data prepare {path.parent.name}`")
-    with _lance_failures(path, "cannot open table"):
-        dataset = lance.dataset(str(path))
-        return dataset, dataset.schema.names
+def open_table(
+    location: str | Path,
+    columns: list[str] | None = None,
+    storage_options: dict[str, str] | None = None,
+    metadata_cache_bytes: int | None = None,
+) -> lance.LanceDataset:
+    """The Lance table at ``location``: a local path, or any URI Lance reads (``s3://...``), which
+    is passed to Lance unchanged with ``storage_options``. A :class:`DataError` when it is missing,
+    cannot be opened or lacks one of ``columns``. ``metadata_cache_bytes`` caps what Lance keeps
+    of the data files' metadata it has read (Lance's default: unbounded for our sizes)."""
+    uri = str(location)
+    if "://" not in uri and not Path(uri).exists():
+        raise DataError(f"{uri}: table missing; run `rex data prepare {Path(uri).parent.name}`")
+    with lance_failures(uri, "cannot open table"):
+        dataset = lance.dataset(
+            uri, storage_options=storage_options, metadata_cache_size_bytes=metadata_cache_bytes
+        )
+    names = dataset.schema.names
+    missing = [c for c in columns or [] if c not in names]
+    if missing:
+        raise DataError(
+            f"{uri}: no column {', '.join(missing)} (columns: {', '.join(names)}); {_rebuild_hint(uri)}"
+        )
+    return dataset
 
 
 def read_metadata(path: Path) -> dict[bytes, bytes]:
     """The table's schema metadata (empty when it has none)."""
-    dataset, _ = _open(path)
-    return dict(dataset.schema.metadata or {})
+    return dict(open_table(path).schema.metadata or {})
 
 
 def read_columns(path: Path, columns: list[str]) -> dict[str, Column]:
@@ -197,16 +214,11 @@ def read_columns(path: Path, columns: list[str]) -> dict[str, Column]:
     (missing table, missing column, unreadable files) is a :class:`DataError` naming the path.
     """
     path = Path(path)
-    dataset, names = _open(path)
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise DataError(
-            f"{path}: no column {', '.join(missing)} (columns: {', '.join(names)}); {_rebuild_hint(path)}"
-        )
-    with _lance_failures(path, "cannot read table"):
+    dataset = open_table(path, columns)
+    with lance_failures(path, "cannot read table"):
         # One column at a time: the Arrow copy of a column is freed once it is numpy, so reading
         # holds the data plus one column, not the data twice.
-        return {name: _to_numpy(dataset.to_table(columns=[name]).column(name)) for name in columns}
+        return {name: numpy_column(dataset.to_table(columns=[name]).column(name)) for name in columns}
 
 
 def column_maxima(path: Path, columns: list[str]) -> tuple[int, dict[str, Any]]:
@@ -216,10 +228,10 @@ def column_maxima(path: Path, columns: list[str]) -> tuple[int, dict[str, Any]]:
     Failures are :class:`DataError` s as in :func:`read_columns`.
     """
     path = Path(path)
-    dataset, names = _open(path)
+    dataset = open_table(path)
     maxima: dict[str, Any] = {}
-    with _lance_failures(path, "cannot read table"):
-        for name in (c for c in columns if c in names):
+    with lance_failures(path, "cannot read table"):
+        for name in (c for c in columns if c in dataset.schema.names):
             values = dataset.to_table(columns=[name]).column(name)
             if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
                 values = pc.list_flatten(values)
@@ -227,7 +239,9 @@ def column_maxima(path: Path, columns: list[str]) -> tuple[int, dict[str, Any]]:
         return dataset.count_rows(), maxima
 
 
-def _to_numpy(column: pa.ChunkedArray) -> Column:
+def numpy_column(column: pa.ChunkedArray) -> Column:
+    """An Arrow column as :func:`read_columns` returns it (1-D array, :class:`RaggedColumn` or
+    ``rows x dim`` array)."""
     array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
         offsets = np.asarray(array.offsets, dtype=np.int64)

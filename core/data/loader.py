@@ -198,11 +198,12 @@ class BatchLoader:
             if epoch == self.sampler.epoch:
                 start = batches
         for index in shard_batches(self._batches(order), self.rank, self.world_size)[start:]:
-            batch = {name: _select(column, index) for name, column in self.columns.items()}
+            batch = {name: select_rows(column, index) for name, column in self.columns.items()}
             yield self.transform(batch) if self.transform is not None else batch
 
 
-def _select(column: Column, index: Tensor) -> Tensor:
+def select_rows(column: Column, index: Tensor) -> Tensor:
+    """The batch of ``column``'s rows at ``index`` (B,): (B,) or (B, W), W the batch's longest list."""
     if isinstance(column, Ragged):
         return column.gather(index)
     rows = column.index_select(0, index)

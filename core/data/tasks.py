@@ -43,8 +43,13 @@ class Task:
 
     def columns(self, data: RexDataModule, split: str) -> dict[str, Column]:
         """The split's columns, read from the view's table (``valid`` and ``test`` alike)."""
-        names = [n for n, spec in data.view.fields.items() if spec.kind != "sequence" or n == "history"]
-        return data.read(split, names)
+        return data.read(split, _stored_columns(data))
+
+    def stream_columns(self, data: RexDataModule) -> list[str] | None:
+        """The training table's columns that ``data.stream`` reads a buffer at a time: those
+        :meth:`columns` reads, where the task serves them as stored; None for a task that builds
+        its columns otherwise (next_item drops and windows sequences), which cannot stream."""
+        return _stored_columns(data) if type(self).columns is Task.columns else None
 
     def transform(self, split: str) -> Transform | None:
         """What turns a loader batch into model inputs; None leaves it as read."""
@@ -128,6 +133,11 @@ class ItemsTask(Task):
         import torch
 
         return {"item": torch.arange(1, data.schema.num_items, dtype=torch.int32)}
+
+
+def _stored_columns(data: RexDataModule) -> list[str]:
+    """The view's columns a row is served with: every non-list field, and the ``history`` list."""
+    return [n for n, spec in data.view.fields.items() if spec.kind != "sequence" or n == "history"]
 
 
 def task_named(name: str) -> Task:
