@@ -75,7 +75,10 @@ class TransformerEncoder(nn.Module):
     (an all-padding sequence) gives finite values, never NaN. ``ffn_dim`` defaults to
     ``4 * dim`` (original SASRec uses ``dim``; set it explicitly for parity). Positional
     embeddings are the caller's job. A final LayerNorm follows the last block. ``dropout``
-    applies to attention weights and to each residual branch.
+    applies to attention weights and to each residual branch. ``allowed``, (L, L) or
+    (B, 1, L, L) bool with True where a query may attend to a key, further restricts attention
+    (a block structure such as HeterRec's item-causal mask over flattened tokens); it is
+    combined with the causal and padding masks, never loosening them.
     """
 
     def __init__(
@@ -105,19 +108,26 @@ class TransformerEncoder(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
 
-    def _allowed(self, x: Tensor, padding_mask: Tensor | None) -> Tensor | None:
-        """Bool mask, True where a query may attend to a key: (L, L), (B, 1, 1, L) or (B, 1, L, L)."""
+    def _allowed(self, x: Tensor, padding_mask: Tensor | None, allowed: Tensor | None) -> Tensor | None:
+        """Bool mask, True where a query may attend to a key: (L, L), (B, 1, 1, L) or (B, 1, L, L);
+        the caller's ``allowed`` and the causal and padding masks, all of them."""
         length = x.shape[1]
-        allowed: Tensor | None = None
         if self.causal:
-            allowed = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+            causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+            allowed = causal if allowed is None else allowed & causal
         if padding_mask is not None:
             keys = ~padding_mask[:, None, None, :]  # (B, 1, 1, L): key is a real item
             allowed = keys if allowed is None else keys & allowed
         return allowed
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None, last_only: bool = False) -> Tensor:
-        allowed = self._allowed(x, padding_mask)
+    def forward(
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None = None,
+        last_only: bool = False,
+        allowed: Tensor | None = None,
+    ) -> Tensor:
+        allowed = self._allowed(x, padding_mask, allowed)
         for index, block in enumerate(self.blocks):
             x = block(x, allowed, last_only=last_only and index == len(self.blocks) - 1)
         x = self.norm(x)

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from rex.components.embeddings.attributes import ItemAttributeEmbedding
 from rex.components.encoders.dropout import Dropout
 from rex.config.registry import Factory, register
 
@@ -21,6 +22,10 @@ class SequentialRecommender(nn.Module):
     Scoring batch: ``history`` (B, L). Returns ``scores`` (B, num_items) from the last position.
     The encoder is called as ``encoder(x, padding_mask, last_only=...)``; with ``last_only`` it
     may compute the last position alone, (B, 1, dim), as ``encoder/transformer`` does.
+
+    ``attributes`` (``embedding/item_attributes``) makes it SASRec with attributes: each item's
+    id embedding concatenated with its mean attribute embedding, projected back to ``dim``,
+    both for the inputs and for the tied table that scores items. Off by default.
     """
 
     def __init__(
@@ -31,6 +36,7 @@ class SequentialRecommender(nn.Module):
         dim: int = 64,
         dropout: float = 0.2,
         positional: bool = True,
+        attributes: Factory[ItemAttributeEmbedding] | None = None,
     ) -> None:
         super().__init__()
         self.outputs = frozenset({"logits", "labels", "scores"})
@@ -44,17 +50,35 @@ class SequentialRecommender(nn.Module):
         nn.init.normal_(self.item_embedding.weight, std=dim**-0.5)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
+        # Built last, so that without them the parameters are drawn as they always were.
+        self.attributes = attributes(dim=dim) if attributes is not None else None
+        self.fuse = nn.Linear(2 * dim, dim, bias=False) if attributes is not None else None
+
+    def embed(self, items: Tensor) -> Tensor:
+        """Item ids (*) → their input vectors (*, dim)."""
+        if self.attributes is None or self.fuse is None:
+            return self.item_embedding(items)
+        return self.fuse(torch.cat([self.item_embedding(items), self.attributes.mean(items)], dim=-1))
+
+    def item_table(self) -> Tensor:
+        """(num_items, dim): the vectors hidden states are scored against, the inputs' own."""
+        weight = self.item_embedding.weight
+        if self.attributes is None:
+            return weight
+        return self.embed(torch.arange(len(weight), device=weight.device))
+
+    @staticmethod
+    def positions(embedding: nn.Embedding, length: int, device: torch.device) -> Tensor:
+        """(L, dim) position embeddings of a window of L items, counted back from the most recent (0)."""
+        if length > embedding.num_embeddings:
+            raise ValueError(f"sequence length {length} exceeds max_len {embedding.num_embeddings}")
+        return embedding(torch.arange(length - 1, -1, -1, device=device))
 
     def encode(self, items: Tensor, last_only: bool = False) -> Tensor:
         """(B, L) item ids, left-padded → (B, L, dim) hidden states ((B, 1, dim) if ``last_only``)."""
-        x = self.item_embedding(items) * math.sqrt(self.dim)
+        x = self.embed(items) * math.sqrt(self.dim)
         if self.position_embedding is not None:
-            length = items.shape[1]
-            max_len = self.position_embedding.num_embeddings
-            if length > max_len:
-                raise ValueError(f"sequence length {length} exceeds max_len {max_len}")
-            positions = torch.arange(length - 1, -1, -1, device=items.device)
-            x = x + self.position_embedding(positions)
+            x = x + self.positions(self.position_embedding, items.shape[1], items.device)
         padding = items == 0
         return self.encoder(self.dropout(x), padding, last_only=last_only)
 
@@ -63,9 +87,9 @@ class SequentialRecommender(nn.Module):
             hidden = self.encode(batch["items"])
             valid = batch["targets"] > 0
             queries = hidden[valid]
-            return {"logits": queries @ self.item_embedding.weight.T, "labels": batch["targets"][valid]}
+            return {"logits": queries @ self.item_table().T, "labels": batch["targets"][valid]}
         hidden = self.encode(batch["history"], last_only=True)
-        return {"scores": hidden[:, -1] @ self.item_embedding.weight.T}
+        return {"scores": hidden[:, -1] @ self.item_table().T}
 
 
 @register("model/masked_sequential")

@@ -35,6 +35,7 @@ MODULES = (
     "rex.components.denoisers.conditional",
     "rex.components.denoisers.schedule",
     "rex.components.denoisers.synergy",
+    "rex.components.embeddings.attributes",
     "rex.components.embeddings.field",
     "rex.components.encoders.gru",
     "rex.components.encoders.hierarchical",
@@ -59,6 +60,7 @@ MODULES = (
     "rex.components.models.diff_msin",
     "rex.components.models.dmae",
     "rex.components.models.dmgin",
+    "rex.components.models.heterrec",
     "rex.components.models.m3bsr",
     "rex.components.models.rqvae",
     "rex.components.models.sequential",
@@ -85,7 +87,12 @@ def generate() -> dict[str, dict[str, str]]:
         before = set(_REGISTRY)
         importlib.import_module(module)
         for key in sorted(set(_REGISTRY) - before):
-            rows[key] = {"module": module, "summary": _REGISTRY[key].summary}
+            # The module that defines it, not the first listed module that imports that one.
+            defined_in = getattr(_REGISTRY[key].target, "__module__", module)
+            rows[key] = {
+                "module": defined_in if defined_in in MODULES else module,
+                "summary": _REGISTRY[key].summary,
+            }
     return dict(sorted(rows.items()))
 
 

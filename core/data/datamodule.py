@@ -17,7 +17,7 @@ from torch import Tensor
 from rex.config.errors import DataError
 from rex.config.schema import Recipe
 from rex.data.clusters import item_groups
-from rex.data.features import item_vectors
+from rex.data.features import attribute_field, item_attributes, item_vectors
 from rex.data.lance_io import RaggedColumn, read_columns
 from rex.data.loader import BatchLoader, Column, Ragged
 from rex.data.schema import DatasetSchema, ViewSpec, load_schema
@@ -170,6 +170,9 @@ class RexDataModule(L.LightningDataModule):
                 # Computed on first use only: a recipe pays for what its components ask for.
                 "item_features": self.item_features,
                 "item_groups": lambda: torch.from_numpy(item_groups(self.dataset_dir)),
+                # (num_items, A) attribute ids per item, right-padded with 0; ids < num_attributes
+                "item_attributes": lambda: torch.from_numpy(item_attributes(self.dataset_dir, self.schema)),
+                "num_attributes": lambda: attribute_field(self.dataset_dir, self.schema)[1],
                 # what earlier stages exported (item_codes, say)
                 **self.extra_context,
             }

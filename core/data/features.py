@@ -36,7 +36,7 @@ from pydantic import Field
 
 from rex.config.errors import DataError
 from rex.data.build import DATASETS, Params
-from rex.data.lance_io import read_columns, vector_column
+from rex.data.lance_io import RaggedColumn, read_columns, vector_column
 from rex.data.mirror import RawSource, fetch, log, sha256_file
 from rex.data.schema import DatasetSchema, FieldSpec, ViewSpec
 
@@ -277,3 +277,44 @@ def item_vectors(directory: Path, schema: DatasetSchema) -> dict[str, np.ndarray
         table[ids] = values
         vectors[modality] = table
     return vectors
+
+
+def attribute_field(directory: Path, schema: DatasetSchema) -> tuple[str, int]:
+    """The ``items`` view's list of attribute ids per item: (its column, its vocabulary size).
+    A DataError naming the dataset when it has none (HeterRec and SASRec with attributes need one)."""
+    view = schema.views.get("items")
+    fields = view.fields if view is not None else {}
+    for name, spec in fields.items():
+        if spec.role == "item_attributes" and spec.kind == "sequence" and spec.vocab_size is not None:
+            return name, spec.vocab_size
+    raise DataError(
+        f"dataset {schema.name!r} has no items view with a list of attribute ids per item, which "
+        "the context value item_attributes (asked for by the model) is read from; beauty and sports have one",
+        file=str(Path(directory) / "schema.json"),
+        key="data.name",
+    )
+
+
+def item_attributes(directory: Path, schema: DatasetSchema) -> np.ndarray:
+    """Each item's attribute ids as an int64 ``num_items x A`` array indexed by item id, in
+    stored order and right-padded with 0 (A: the most any item has); row 0 (padding) and items
+    without a row are zeros. Stored ids must lie in 1..vocab_size-1, the schema's convention,
+    because a stored 0 could not be told from padding."""
+    name, vocab_size = attribute_field(directory, schema)
+    path = Path(directory) / f"{schema.views['items'].tables['all']}.lance"
+    raw = read_columns(path, ["item", name])
+    lists = raw[name]
+    assert isinstance(lists, RaggedColumn)
+    ids = lists.values
+    if ids.size and (ids.min() < 1 or ids.max() >= vocab_size):
+        raise DataError(
+            f"attribute ids must lie in 1..{vocab_size - 1} (0 is padding), found {ids.min()}..{ids.max()}",
+            file=str(path),
+            key=name,
+        )
+    lengths = lists.lengths()
+    table = np.zeros((schema.num_items, max(int(lengths.max(initial=0)), 1)), dtype=np.int64)
+    rows = np.repeat(np.asarray(raw["item"], dtype=np.int64), lengths)
+    slots = np.arange(ids.size) - np.repeat(lists.offsets[:-1], lengths)
+    table[rows, slots] = ids
+    return table

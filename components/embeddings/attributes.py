@@ -1,0 +1,57 @@
+"""Item attribute embeddings: each item's attribute ids (brand, categories...) looked up by item id."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from rex.config.registry import register
+
+
+@register("embedding/item_attributes")
+class ItemAttributeEmbedding(nn.Module):
+    """Embeds the attributes of item ids: items (*) -> (*, A, dim), or their mean (*, dim).
+
+    ``item_attributes`` (num_items, A) long holds each item's attribute ids, right-padded with
+    0 (the datamodule's context value of that name); ids lie in [0, num_attributes) and 0 is
+    padding, whose embedding row is zero. ``ids(items) -> (*, A)`` are the ids themselves,
+    ``forward(items) -> (*, A, dim)`` their embeddings and ``mean(items) -> (*, dim)`` the
+    average over an item's attributes (zeros for an item with none, the padding item included).
+    The id table is a buffer, not a parameter: it comes from the data, not from a checkpoint.
+    """
+
+    item_attributes: Tensor  # the buffer below
+
+    def __init__(self, item_attributes: Tensor, num_attributes: int, dim: int) -> None:
+        super().__init__()
+        if item_attributes.dim() != 2:
+            raise ValueError(f"item_attributes must be (num_items, A), got {tuple(item_attributes.shape)}")
+        if num_attributes < 1 or dim <= 0:
+            raise ValueError(f"num_attributes and dim must be positive, got {num_attributes}, {dim}")
+        if (
+            item_attributes.numel()
+            and not 0 <= int(item_attributes.min()) <= int(item_attributes.max()) < num_attributes
+        ):
+            raise ValueError(f"item_attributes must lie in [0, {num_attributes})")
+        self.register_buffer("item_attributes", item_attributes.long(), persistent=False)
+        self.embedding = nn.Embedding(num_attributes, dim, padding_idx=0)
+        # The scale of the item-id embeddings they sit beside (model/sequential, model/heterrec).
+        nn.init.normal_(self.embedding.weight, std=dim**-0.5)
+        with torch.no_grad():
+            self.embedding.weight[0].zero_()
+
+    @property
+    def width(self) -> int:
+        """A, the most attributes an item has."""
+        return self.item_attributes.shape[1]
+
+    def ids(self, items: Tensor) -> Tensor:
+        return self.item_attributes[items]
+
+    def forward(self, items: Tensor) -> Tensor:
+        return self.embedding(self.ids(items))
+
+    def mean(self, items: Tensor) -> Tensor:
+        ids = self.ids(items)
+        count = (ids > 0).sum(dim=-1, keepdim=True).clamp(min=1)
+        return self.embedding(ids).sum(dim=-2) / count
