@@ -54,7 +54,9 @@ def shared_run_dir(recipe: Recipe) -> Path | None:
     if given:
         return Path(given)
     launched = [name for name in ("RANK", "SLURM_PROCID") if name in os.environ]
-    if not launched:
+    # A launcher's single process (an sbatch script's one task, say) is a run of its own.
+    processes = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    if not launched or processes < 2:
         return None
     job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     if job == "none":
