@@ -104,19 +104,18 @@ def test_two_process_evaluation_equals_one_process(recipe, overrides, data_home,
             assert two[name] == value, name
 
 
+def _launch(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """A multi-process command run to completion, as a user starts it; it must succeed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env.pop("REX_RUN_DIR", None)  # each test's processes agree on their own folder
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def test_two_process_training_splits_each_epoch_between_the_processes(data_home, tmp_path):
     """DeepFM for one epoch on 2 CPU processes: the ranks' batches are disjoint and cover it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    env.pop("REX_RUN_DIR", None)
-    done = subprocess.run(
-        [sys.executable, str(SHARDS_SCRIPT), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    _launch([sys.executable, str(SHARDS_SCRIPT), str(tmp_path)])
     seen = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     expected = torch.load(tmp_path / "epoch.pt", weights_only=True)
     assert len(expected) == len(set(expected.tolist())), "row keys must be unique for this check"
@@ -201,9 +200,7 @@ def test_a_killed_two_process_run_resumes_with_two_processes_only(data_home, tmp
 
 def test_torchrun_processes_share_one_run_folder_named_by_the_job(data_home, tmp_path):
     """torchrun starts both processes itself; they agree on runs/<recipe>/job-<rdzv id>."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    env.pop("REX_RUN_DIR", None)
-    done = subprocess.run(
+    done = _launch(
         [
             str(Path(sys.executable).with_name("torchrun")),
             "--standalone",
@@ -220,14 +217,8 @@ def test_torchrun_processes_share_one_run_folder_named_by_the_job(data_home, tmp
             "train.limit_eval_batches=2",
             "logging.progress_bar=false",
             f"logging.run_root={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=600,
+        ]
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     (run_dir,) = (tmp_path / "deepfm").iterdir()
     assert run_dir.name.startswith("job-")
     metrics = json.loads((run_dir / "metrics.json").read_text())
