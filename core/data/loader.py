@@ -27,9 +27,19 @@ class EpochShuffle:
         self.shuffle = shuffle
         self.epoch = 0
         self._order: Tensor | None = None if shuffle else fixed
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """The next pass over ``epoch`` starts at batch ``batches`` (resuming mid-epoch)."""
+        self._resume = (epoch, batches)
+
+    def batches_to_skip(self) -> int:
+        """Batches the pass now starting skips: a pending resume's, if it is for this epoch."""
+        resume, self._resume = self._resume, None
+        return resume[1] if resume is not None and resume[0] == self.epoch else 0
 
     def generator(self, salt: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + salt * 7_919)
@@ -151,7 +161,6 @@ class BatchLoader:
         self.budget = budget
         self.transform = transform
         self.batch_sampler = None  # Lightning inspects loaders as it would a torch DataLoader
-        self._resume: tuple[int, int] | None = None
         self.rank, self.world_size = 0, 1
 
     def shard(self, rank: int, world_size: int) -> None:
@@ -186,17 +195,12 @@ class BatchLoader:
         return [pieces[i] for i in shuffled if len(pieces[i])]
 
     def skip_batches(self, epoch: int, batches: int) -> None:
-        self._resume = (epoch, batches)
+        self.sampler.resume_at(epoch, batches)
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         # A generator: the order is drawn at the first next(), after Lightning's set_epoch.
         order = self.sampler.order()
-        start = 0
-        if self._resume is not None:
-            epoch, batches = self._resume
-            self._resume = None
-            if epoch == self.sampler.epoch:
-                start = batches
+        start = self.sampler.batches_to_skip()
         for index in shard_batches(self._batches(order), self.rank, self.world_size)[start:]:
             batch = {name: select_rows(column, index) for name, column in self.columns.items()}
             yield self.transform(batch) if self.transform is not None else batch

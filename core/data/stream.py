@@ -84,7 +84,6 @@ class StreamLoader:
         self.num_rows = sum(sizes)
         self.sampler = EpochShuffle(self.num_rows, seed, shuffle=True)
         self.batch_sampler = None  # Lightning inspects loaders as it would a torch DataLoader
-        self._resume: tuple[int, int] | None = None
         self.rank, self.world_size = 0, 1
         self._check_buffer()
 
@@ -103,7 +102,7 @@ class StreamLoader:
         """Make the next pass over ``epoch`` start at batch ``batches`` (mid-epoch resume). The
         skipped batches' rows are still read, since the buffers they share decide what follows,
         but are not made into batches."""
-        self._resume = (epoch, batches)
+        self.sampler.resume_at(epoch, batches)
 
     def _bound(self, rank: int) -> int:
         """Where process ``rank``'s share of an epoch's rows starts (shares differ by 1 at most)."""
@@ -161,12 +160,7 @@ class StreamLoader:
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         # A generator: the order is drawn at the first next(), after Lightning's set_epoch.
-        skip = 0
-        if self._resume is not None:
-            epoch, batches = self._resume
-            self._resume = None
-            if epoch == self.sampler.epoch:
-                skip = batches
+        skip = self.sampler.batches_to_skip()
         count, served = len(self), 0
         if count == 0:
             return
