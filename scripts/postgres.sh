@@ -6,11 +6,14 @@
 # pg_ctlcluster, which runs pg_ctl as the postgres user.
 # Only the URL goes to stdout, so `URL=$(bash scripts/postgres.sh)` works; progress goes to stderr.
 set -euo pipefail
+# Every command's output goes to stderr (pg_ctlcluster prints "Removed stale pid file." to stdout
+# after an unclean stop); fd 3 keeps the real stdout for the URL alone.
+exec 3>&1 1>&2
 ROLE=${REX_PG_USER:-rex}
 PASSWORD=${REX_PG_PASSWORD:-rex}
 DATABASE=${REX_PG_DATABASE:-rex}
 
-say() { echo "postgres.sh: $*" >&2; }
+say() { echo "postgres.sh: $*"; }
 as_postgres() {
     # from /, which the postgres user can read whatever the caller's folder
     if [ "$(id -u)" -eq 0 ]; then (cd / && runuser -u postgres -- "$@"); else (cd / && sudo -u postgres -- "$@"); fi
@@ -39,7 +42,8 @@ if as_root pg_ctlcluster "$VERSION" main status >/dev/null 2>&1; then
     say "cluster $VERSION/main is already running"
 else
     say "starting cluster $VERSION/main"
-    as_root pg_ctlcluster "$VERSION" main start
+    # 3>&-: the server must not hold the URL pipe open, or `$(bash scripts/postgres.sh)` never returns
+    as_root pg_ctlcluster "$VERSION" main start 3>&-
 fi
 PORT=$(pg_lsclusters -h | awk -v v="$VERSION" '$1 == v && $2 == "main" { print $3 }')
 for _ in $(seq 1 30); do
@@ -57,4 +61,4 @@ if [ "$(as_postgres psql -p "$PORT" -tAc "SELECT 1 FROM pg_database WHERE datnam
     say "creating database $DATABASE"
     as_postgres createdb -p "$PORT" -O "$ROLE" "$DATABASE"
 fi
-echo "postgresql://$ROLE:$PASSWORD@127.0.0.1:$PORT/$DATABASE"
+echo "postgresql://$ROLE:$PASSWORD@127.0.0.1:$PORT/$DATABASE" >&3
