@@ -23,23 +23,35 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# The sequential models of the wall-clock-budget comparison, each with RecBole's default
+# hyperparameters on both sides (recbole/properties/model/<Model>.yaml, lr 1e-3, batches of
+# 2,048 samples, max length 50).
+BUDGET_MODELS = ("sasrec", "bert4rec", "gru4rec")
+
+
+def within_budget(wall_s: float, longest_epoch_s: float, budget_s: float) -> bool:
+    """Whether another epoch (training and validation) should start: only if one as long as the
+    longest so far would still end within the budget. The same rule on both sides."""
+    return wall_s + longest_epoch_s <= budget_s
+
+
 def worker_main(
     framework: str,
     description: str,
     datasets: list[str],
     prep: Callable[[str], Result],
     throughput: Callable[[int, int, int], Result],
-    accuracy: Callable[[int, int], Result],
+    budget: Callable[[str, int, float], Result],
 ) -> None:
     """Parse the shared flags, run one task, write its result (plus who and how) to ``--out``.
 
-    ``prep(dataset)``, ``throughput(seed, warmup, batches)`` and ``accuracy(seed, epochs)`` are
-    the worker's three measurements.
+    ``prep(dataset)``, ``throughput(seed, warmup, batches)`` and ``budget(model, seed,
+    budget_s)`` are the worker's three measurements.
     """
     tasks: dict[str, Callable[[argparse.Namespace], Result]] = {
         "prep": lambda args: prep(args.dataset),
         "throughput": lambda args: throughput(args.seed, args.warmup, args.batches),
-        "accuracy": lambda args: accuracy(args.seed, args.epochs),
+        "budget": lambda args: budget(args.model, args.seed, args.budget_s),
     }
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--task", choices=sorted(tasks), required=True)
@@ -47,9 +59,10 @@ def worker_main(
     parser.add_argument("--dataset", default=datasets[0], choices=datasets, help="prep: which dataset")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=2020)
-    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=3, help="throughput: untimed batches first")
     parser.add_argument("--batches", type=int, default=20, help="throughput: timed batches")
+    parser.add_argument("--model", default="sasrec", choices=BUDGET_MODELS, help="budget: which model")
+    parser.add_argument("--budget-s", type=float, default=900.0, help="budget: wall-clock seconds")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -8,8 +8,10 @@ Tasks, each writing one JSON object to ``--out``, mirror ``recbole_worker.py``:
 * ``throughput``: ``recipes/sasrec.yaml`` at the benchmark's shape, ``--warmup`` batches, then
   ``--batches`` timed training batches, then one timed full-ranking test over all test users,
   all through ``rex.train.run_one`` as ``rex train`` runs them.
-* ``accuracy``: the same recipe for ``--epochs`` epochs, validating after each (wall time and
-  validation NDCG@10 after every epoch), then the test metrics of the last epoch.
+* ``budget``: ``recipes/<model>.yaml`` (SASRec, BERT4Rec or GRU4Rec) at RecBole's defaults for
+  the model, for ``--budget-s`` wall-clock seconds of training and validation (an epoch starts
+  only if one as long as the longest so far still ends within it), then the test metrics of the
+  best validation epoch.
 
 A rex "sample" is what a RecBole sample is: one position of a user's training sequence with a
 next item to predict (rex trains every position of a sequence in one forward pass).
@@ -27,28 +29,34 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from measure import peak_rss_mb, worker_main
+from measure import peak_rss_mb, within_budget, worker_main
 
 REPO = Path(__file__).resolve().parents[2]
 # RecBole's batch is 2,048 samples (prefixes); rex's train.batch_samples makes the same: batches
 # of similar-length sequences holding about 2,048 training positions each.
-SASREC_OVERRIDES = [
-    "model.dim=64",
-    "model.encoder.num_layers=2",
-    "model.encoder.num_heads=2",
-    "model.encoder.ffn_dim=256",
+PROTOCOL = [
     "data.max_len=50",
-    # lr and the encoder's dropout as `rex sweep sweeps/sasrec_beauty.yaml` chose them on
-    # validation; RecBole keeps its SASRec defaults (lr 1e-3, dropout 0.5).
-    "train.lr=0.0037",
-    "model.encoder.dropout=0.1",
     "train.batch_samples=2048",
+    "train.lr=0.001",
     "train.patience=null",
     "eval.batch_size=2048",
     # RecBole's sequential full ranking masks no history item: the same protocol on both sides.
     "eval.exclude_history=false",
     "logging.progress_bar=false",
 ]
+TRANSFORMER = [
+    "model.dim=64",
+    "model.encoder.num_layers=2",
+    "model.encoder.num_heads=2",
+    "model.encoder.ffn_dim=256",
+]
+# RecBole's defaults for each model (recbole/properties/model/<Model>.yaml), in rex's keys.
+MODELS = {
+    "sasrec": [*TRANSFORMER, "model.dropout=0.5", "model.encoder.dropout=0.5"],
+    "bert4rec": [*TRANSFORMER, "model.dropout=0.2", "model.encoder.dropout=0.2", "model.mask_prob=0.2"],
+    # embedding 64, a GRU 128 wide mapped back to 64, embedding dropout 0.3
+    "gru4rec": ["model.dim=64", "model.encoder.hidden=128", "model.dropout=0.3"],
+}
 PREP_RECIPES = {
     "beauty": ("recipes/sasrec.yaml", []),
     "ml-1m": (
@@ -80,10 +88,11 @@ def prep(dataset: str) -> dict[str, Any]:
 
 class Timeline(Callback):
     """Samples and seconds of training batches after ``warmup``, the wall time and validation
-    NDCG@10 after each epoch, and the seconds of the test loop."""
+    NDCG@10 after each epoch, and the seconds of the test loop; training stops before an epoch
+    that would not end within ``budget_s``."""
 
-    def __init__(self, warmup: int = 0) -> None:
-        self.warmup = warmup
+    def __init__(self, warmup: int = 0, budget_s: float = float("inf")) -> None:
+        self.warmup, self.budget_s, self.longest_epoch_s = warmup, budget_s, 0.0
         self.samples = self.batches = 0
         self.train_s = self.test_s = 0.0
         self.curve: list[dict[str, float]] = []
@@ -113,6 +122,12 @@ class Timeline(Callback):
         self._epoch_train_s = time.perf_counter() - self._epoch_start
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        now = time.perf_counter()
+        self.longest_epoch_s = max(self.longest_epoch_s, now - self._epoch_start)
+        if not within_budget(now - self._fit_start, self.longest_epoch_s, self.budget_s):
+            trainer.should_stop = True
         self.curve.append(
             {
                 "epoch": trainer.current_epoch + 1,
@@ -130,12 +145,12 @@ class Timeline(Callback):
         self.test_s = time.perf_counter() - self._test_start
 
 
-def _run(overrides: list[str], timeline: Timeline, seed: int) -> dict[str, Any]:
+def _run(model: str, overrides: list[str], timeline: Timeline, seed: int) -> dict[str, Any]:
     from rex.config.recipe import load_recipe
     from rex.engine.train import run_one
 
     os.chdir(REPO)
-    loaded = load_recipe(REPO / "recipes" / "sasrec.yaml", [*SASREC_OVERRIDES, *overrides])
+    loaded = load_recipe(REPO / "recipes" / f"{model}.yaml", [*PROTOCOL, *MODELS[model], *overrides])
     with tempfile.TemporaryDirectory(dir=REPO / "benchmarks" / ".peers") as run_dir:
         started = time.perf_counter()
         result = run_one(loaded, seed, Path(run_dir), extra_callbacks=[timeline])
@@ -145,7 +160,8 @@ def _run(overrides: list[str], timeline: Timeline, seed: int) -> dict[str, Any]:
 
 def throughput(seed: int, warmup: int, batches: int) -> dict[str, Any]:
     timeline = Timeline(warmup)
-    result = _run(["train.max_epochs=1", f"train.limit_train_batches={warmup + batches}"], timeline, seed)
+    overrides = ["train.max_epochs=1", f"train.limit_train_batches={warmup + batches}"]
+    result = _run("sasrec", overrides, timeline, seed)
     return {
         "samples": timeline.samples,
         "train_s": timeline.train_s,
@@ -156,10 +172,12 @@ def throughput(seed: int, warmup: int, batches: int) -> dict[str, Any]:
     }
 
 
-def accuracy(seed: int, epochs: int) -> dict[str, Any]:
-    timeline = Timeline()
-    result = _run([f"train.max_epochs={epochs}"], timeline, seed)
+def budget(model: str, seed: int, budget_s: float) -> dict[str, Any]:
+    timeline = Timeline(budget_s=budget_s)
+    result = _run(model, ["train.max_epochs=100000"], timeline, seed)
     return {
+        "model": model,
+        "budget_s": budget_s,
         "curve": timeline.curve,
         "test": result["test"],
         "best_epoch_tested": result["best"]["checkpoint"],
@@ -169,7 +187,7 @@ def accuracy(seed: int, epochs: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    worker_main("rex", __doc__.splitlines()[0], sorted(PREP_RECIPES), prep, throughput, accuracy)
+    worker_main("rex", __doc__.splitlines()[0], sorted(PREP_RECIPES), prep, throughput, budget)
 
 
 if __name__ == "__main__":
