@@ -149,9 +149,7 @@ def budget(args: argparse.Namespace) -> Result:
     """Each sequential model on both sides with the same wall-clock budget and hyperparameters.
 
     The two sides of a model run at the same time, each on its share of the cores, so whatever
-    else loads the machine loads both alike. The bar is RecBole's best validation NDCG@10 at
-    its budget's end; each side's time to it is the wall time (training + validation) of the
-    first epoch at or above it."""
+    else loads the machine loads both alike. ``budget_summary`` reads the curves."""
     threads = max(1, args.threads // 2)
     flags = ["--budget-s", str(args.budget_s)]
     out: Result = {}
@@ -162,17 +160,34 @@ def budget(args: argparse.Namespace) -> Result:
                 for name, script in (("rex", "rex_worker.py"), ("recbole", "recbole_worker.py"))
             }
             results = {name: future.result() for name, future in sides.items()}
-        bar = max(point["val_ndcg@10"] for point in results["recbole"]["curve"])
-        for result in results.values():
-            best = max(result["curve"], key=lambda point: point["val_ndcg@10"])
-            reached = [point for point in result["curve"] if point["val_ndcg@10"] >= bar]
-            result |= {
-                "best_val_ndcg@10": best["val_ndcg@10"],
-                "best_epoch": best["epoch"],
-                "epochs": len(result["curve"]),
-                "time_to_bar_s": reached[0]["wall_s"] if reached else None,
-            }
-        out[model] = {"bar_val_ndcg@10": bar, "threads": threads, **results}
+        out[model] = {"threads": threads, **results}
+    return out
+
+
+def budget_summary(sides: Result) -> Result:
+    """Per side: epochs within the budget, the best validation NDCG@10 among them, and the time
+    to the bar, RecBole's best validation NDCG@10 at its budget's end (the wall time, training
+    + validation, of the first epoch at or above it). An epoch that ended after the budget (the
+    first always starts; a later one can run longer than the longest before it) does not count."""
+    budget_s = sides["rex"]["budget_s"]
+    counted = {
+        name: [point for point in sides[name]["curve"] if point["wall_s"] <= budget_s]
+        for name in ("rex", "recbole")
+    }
+    bar = max((point["val_ndcg@10"] for point in counted["recbole"]), default=None)
+    out: Result = {"bar": bar}
+    for name, points in counted.items():
+        best = max(points, key=lambda point: point["val_ndcg@10"], default=None)
+        reached = [point for point in points if bar is not None and point["val_ndcg@10"] >= bar]
+        out[name] = {
+            "best_val_ndcg@10": best["val_ndcg@10"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "epochs": len(points),
+            "epochs_over_budget": len(sides[name]["curve"]) - len(points),
+            "time_to_bar_s": reached[0]["wall_s"] if reached else None,
+            # the epoch each side tested: its best validation epoch of all it ran
+            "tested_epoch": max(sides[name]["curve"], key=lambda point: point["val_ndcg@10"])["epoch"],
+        }
     return out
 
 
@@ -277,14 +292,27 @@ def markdown(results: Result, machine: Result, measured: dict[str, str]) -> str:
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for model, sides in results["budget"].items():
-            rex_time, peer_time = sides["rex"]["time_to_bar_s"], sides["recbole"]["time_to_bar_s"]
+            summary = budget_summary(sides)
+            rex_time, peer_time = summary["rex"]["time_to_bar_s"], summary["recbole"]["time_to_bar_s"]
             for name in ("rex", "recbole"):
-                side = sides[name]
+                side = {**sides[name], **summary[name]}
                 test = side["test"]
-                advantage = f"{fmt(ratio(peer_time, rex_time), 2)}×" if name == "rex" else ""
+                speedup = ratio(peer_time, rex_time)
+                advantage = f"{fmt(speedup, 2)}×" if name == "rex" and speedup is not None else ""
+                over = side["epochs_over_budget"]
+                epochs = f"{side['epochs']}" + (f" (+{over} past the budget)" if over else "")
+                best = (
+                    f"{side['best_val_ndcg@10']:.4f} ({side['best_epoch']})"
+                    if side["best_epoch"]
+                    else "— (no epoch within the budget)"
+                )
+                # Each side tests its best epoch of all it ran: one that ended past the budget
+                # is flagged rather than reported as within it.
+                past = f" (epoch {side['tested_epoch']}, past the budget)"
+                flag = past if side["tested_epoch"] != side["best_epoch"] else ""
+                tested = f"{test['ndcg@10']:.4f}{flag} | {hit_at_10(test):.4f}"
                 lines.append(
-                    f"| {model} | {name} | {side['epochs']} | {side['best_val_ndcg@10']:.4f} "
-                    f"({side['best_epoch']}) | {test['ndcg@10']:.4f} | {hit_at_10(test):.4f} "
+                    f"| {model} | {name} | {epochs} | {best} | {tested} "
                     f"| {fmt(side['time_to_bar_s'])} | {advantage} | {fmt(side['peak_rss_mb'], 0)} |"
                 )
         lines.append("")
