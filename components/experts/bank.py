@@ -45,6 +45,9 @@ class ExpertBank(nn.Module):
     shared experts see the mean of all K streams. Each expert is a residual MLP (Diff-MSIN's
     interest extractors) or a bidirectional transformer. ``streams`` names the K inputs in order;
     a parent model normally supplies it.
+
+    With ``shared_stream: true`` the input holds K + 1 streams and the shared experts see the
+    last one instead of the mean (PLE's upper layers, where they read the shared gate's output).
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class ExpertBank(nn.Module):
         num_layers: int = 1,
         num_heads: int = 1,
         dropout: float = 0.0,
+        shared_stream: bool = False,
     ) -> None:
         super().__init__()
         if not streams:
@@ -65,6 +69,7 @@ class ExpertBank(nn.Module):
             raise ValueError(f"num_shared must be >= 0, got {num_shared}")
         self.streams = list(streams)
         self.num_shared = num_shared
+        self.shared_stream = shared_stream
         self.num_experts = len(streams) + num_shared
 
         def make() -> nn.Module:
@@ -79,16 +84,19 @@ class ExpertBank(nn.Module):
         single = x.dim() == 3
         if single:
             x = x.unsqueeze(2)
-        if x.shape[1] != len(self.streams):
-            raise ValueError(
-                f"expected {len(self.streams)} streams ({', '.join(self.streams)}), got {x.shape[1]}"
-            )
+        streams = len(self.streams)
+        if x.shape[1] != streams + self.shared_stream:
+            names = [*self.streams, *(["shared"] if self.shared_stream else [])]
+            raise ValueError(f"expected {len(names)} streams ({', '.join(names)}), got {x.shape[1]}")
         per_stream = mask is not None and mask.dim() == 3
         masks = [mask[:, k] if per_stream else mask for k in range(x.shape[1])]  # type: ignore[index]
         outputs = [expert(x[:, k], masks[k]) for k, expert in enumerate(self.specific.values())]
-        # Shared experts see a position that any stream has.
-        union = mask.any(dim=1) if per_stream else mask  # type: ignore[union-attr]
-        mean = x.mean(dim=1)
-        outputs += [expert(mean, union) for expert in self.shared]
+        if self.shared_stream:
+            shared, union = x[:, streams], masks[streams]
+        else:
+            # Shared experts see a position that any stream has.
+            union = mask.any(dim=1) if per_stream else mask  # type: ignore[union-attr]
+            shared = x.mean(dim=1)
+        outputs += [expert(shared, union) for expert in self.shared]
         out = torch.stack(outputs, dim=1)
         return out.squeeze(2) if single else out

@@ -9,8 +9,80 @@ from rex.components.embeddings.field import FieldEmbedding
 from rex.config.registry import Factory, register
 
 
+class CTRInputs(nn.Module):
+    """What a CTR tower reads: field embeddings, [target attention over the history].
+
+    The shared front of ``model/ctr`` and ``model/multi_scenario`` (see model/ctr for the
+    arguments). ``inputs(batch) -> (x (B, width), embedded (B, F, dim), extra)``: ``x`` is the
+    flattened field embeddings, the target's modality vectors and the pooled interest;
+    ``extra`` holds the interest module's loss terms. ``width`` and ``outputs`` are set here.
+    """
+
+    def __init__(
+        self,
+        fields: dict[str, int],
+        embed: Factory[nn.Module],
+        interest: Factory[nn.Module] | None = None,
+        search: Factory[nn.Module] | None = None,
+        history_key: str = "history",
+        use_fields: list[str] | None = None,
+        modalities: list[str] | None = None,
+        modality: Factory[nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        self.history_key = history_key
+        if use_fields is not None:
+            unknown = sorted(set(use_fields) - set(fields))
+            if unknown:
+                raise ValueError(f"use_fields {unknown} are not in the dataset's fields {sorted(fields)}")
+            fields = {name: fields[name] for name in use_fields}
+        if (interest is not None or modalities) and "item" not in fields:
+            raise ValueError("interest (target attention) and modalities need the 'item' field")
+        if bool(modalities) != (modality is not None):
+            raise ValueError("modality (an encoder/modality_table node) and modalities go together")
+        self.used_fields = fields
+        self.embed = embed(fields=fields)
+        dim = self.embed.dim
+        self.item_slot = list(fields).index("item") if "item" in fields else -1
+        self.modality_tables = nn.ModuleList(
+            modality(modality=name) for name in (modalities or []) if modality is not None
+        )
+        extra = sum(table.dim for table in self.modality_tables)
+        self.interest = interest(dim=dim + extra) if interest is not None else None
+        if search is not None and interest is None:
+            raise ValueError("search narrows what the interest module attends to: set interest too")
+        self.search = search() if search is not None else None
+        self.outputs = frozenset({"logit", *getattr(self.interest, "extra_outputs", ())})
+        self.width = len(fields) * dim + extra + (dim + extra if self.interest is not None else 0)
+
+    def _with_modalities(self, ids: Tensor, embedded: Tensor) -> Tensor:
+        """Item id embeddings (..., dim) with each modality's projected vectors appended."""
+        if not self.modality_tables:
+            return embedded
+        return torch.cat([embedded, *(table(ids) for table in self.modality_tables)], dim=-1)
+
+    def inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        embedded = self.embed(batch)
+        target = embedded[:, self.item_slot] if self.item_slot >= 0 else embedded[:, 0]
+        if self.modality_tables:
+            target = self._with_modalities(batch["item"], target)
+        parts = [embedded.flatten(1), target[:, embedded.shape[-1] :]]
+        extra: dict[str, Tensor] = {}
+        if self.interest is not None:
+            history = batch[self.history_key]
+            behaviours = self._with_modalities(history, self.embed.lookup("item", history))
+            mask = history > 0
+            if self.search is not None:
+                mask = self.search(batch["item"], history, mask)
+            interest = self.interest(target, behaviours, mask)
+            if isinstance(interest, tuple):  # the pooled vector and the module's loss terms
+                interest, extra = interest
+            parts.append(interest)
+        return torch.cat(parts, dim=1), embedded, extra
+
+
 @register("model/ctr")
-class CTRModel(nn.Module):
+class CTRModel(CTRInputs):
     """CTR tower: field embeddings → [target attention over the history] → MLP → click logit.
 
     With ``interaction: interaction/fm`` and ``linear: true`` it is DeepFM; with
@@ -44,31 +116,10 @@ class CTRModel(nn.Module):
         history_key: str = "history",
         search: Factory[nn.Module] | None = None,
     ) -> None:
-        super().__init__()
-        self.history_key = history_key
-        if use_fields is not None:
-            unknown = sorted(set(use_fields) - set(fields))
-            if unknown:
-                raise ValueError(f"use_fields {unknown} are not in the dataset's fields {sorted(fields)}")
-            fields = {name: fields[name] for name in use_fields}
-        if (interest is not None or modalities) and "item" not in fields:
-            raise ValueError("interest (target attention) and modalities need the 'item' field")
-        if bool(modalities) != (modality is not None):
-            raise ValueError("modality (an encoder/modality_table node) and modalities go together")
-        self.embed = embed(fields=fields)
+        super().__init__(fields, embed, interest, search, history_key, use_fields, modalities, modality)
+        fields = self.used_fields
         dim = self.embed.dim
-        self.item_slot = list(fields).index("item") if "item" in fields else -1
-        self.modality_tables = nn.ModuleList(
-            modality(modality=name) for name in (modalities or []) if modality is not None
-        )
-        extra = sum(table.dim for table in self.modality_tables)
-        self.interest = interest(dim=dim + extra) if interest is not None else None
-        if search is not None and interest is None:
-            raise ValueError("search narrows what the interest module attends to: set interest too")
-        self.search = search() if search is not None else None
-        self.outputs = frozenset({"logit", *getattr(self.interest, "extra_outputs", ())})
-        width = len(fields) * dim + extra + (dim + extra if self.interest is not None else 0)
-        self.tower = tower(in_dim=width)
+        self.tower = tower(in_dim=self.width)
         self.head = nn.Linear(self.tower.out_dim, 1)
         self.interaction = None
         if interaction is not None:
@@ -79,30 +130,9 @@ class CTRModel(nn.Module):
         self.first_order = FieldEmbedding(fields, dim=1) if linear else None
         self.bias = nn.Parameter(torch.zeros(1)) if linear else None
 
-    def _with_modalities(self, ids: Tensor, embedded: Tensor) -> Tensor:
-        """Item id embeddings (..., dim) with each modality's projected vectors appended."""
-        if not self.modality_tables:
-            return embedded
-        return torch.cat([embedded, *(table(ids) for table in self.modality_tables)], dim=-1)
-
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        embedded = self.embed(batch)
-        target = embedded[:, self.item_slot] if self.item_slot >= 0 else embedded[:, 0]
-        if self.modality_tables:
-            target = self._with_modalities(batch["item"], target)
-        parts = [embedded.flatten(1), target[:, embedded.shape[-1] :]]
-        extra: dict[str, Tensor] = {}
-        if self.interest is not None:
-            history = batch[self.history_key]
-            behaviours = self._with_modalities(history, self.embed.lookup("item", history))
-            mask = history > 0
-            if self.search is not None:
-                mask = self.search(batch["item"], history, mask)
-            interest = self.interest(target, behaviours, mask)
-            if isinstance(interest, tuple):  # the pooled vector and the module's loss terms
-                interest, extra = interest
-            parts.append(interest)
-        logit = self.head(self.tower(torch.cat(parts, dim=1))).squeeze(-1)
+        x, embedded, extra = self.inputs(batch)
+        logit = self.head(self.tower(x)).squeeze(-1)
         if self.interaction is not None:
             # An interaction that memorises feature pairs (dual_attention) reads their ids too.
             ids = (self.embed.global_ids(batch),) if getattr(self.interaction, "reads_ids", False) else ()

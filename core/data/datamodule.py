@@ -161,11 +161,17 @@ class RexDataModule(L.LightningDataModule):
             for name, spec in self.view.fields.items()
             if spec.kind == "categorical" and spec.vocab_size is not None
         }
+        roles: dict[str, str] = {}
+        for name, spec in self.view.fields.items():
+            if spec.role is not None:
+                roles.setdefault(spec.role, name)
         return LazyContext(
             {
                 "num_items": self.schema.num_items,
                 "num_users": self.schema.num_users,
                 "fields": fields,
+                # role -> the (first) field with it, for components that read a field by role
+                "roles": roles,
                 "max_len": self.recipe.data.max_len,
                 # Computed on first use only: a recipe pays for what its components ask for.
                 "item_features": self.item_features,
