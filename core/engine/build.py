@@ -100,7 +100,9 @@ def build_run(
         model = build(recipe.model, "model", context)
         outputs = _declared_outputs(model)
         losses, skipped = _build_losses(recipe.losses, context, outputs)
-        evaluator = build(recipe.eval.evaluator, "eval.evaluator", _evaluator_context(recipe, masking))
+        evaluator = build(
+            recipe.eval.evaluator, "eval.evaluator", _evaluator_context(recipe, masking, context["roles"])
+        )
         if not isinstance(evaluator, Evaluator):
             raise RecipeError("must be an eval/... component (see `rex list eval`)", key="eval.evaluator")
         _check_reads(evaluator.reads, outputs, "eval.evaluator", "this evaluator")
@@ -210,8 +212,10 @@ def _build_losses(
     return losses, skipped
 
 
-def _evaluator_context(recipe: Recipe, masking: HistoryMasking | None) -> dict[str, Any]:
-    context: dict[str, Any] = {"metrics": list(recipe.eval.metrics or [])}
+def _evaluator_context(
+    recipe: Recipe, masking: HistoryMasking | None, roles: dict[str, str]
+) -> dict[str, Any]:
+    context: dict[str, Any] = {"metrics": list(recipe.eval.metrics or []), "roles": roles}
     if masking is not None:
         context["exclude_history"] = masking.exclude
     return context

@@ -116,36 +116,84 @@ class ClickEvaluator(Evaluator):
 
     gAUC groups the rows by ``user`` (B,). ``abundance``, the embedding-collapse measure, is
     the model's, not the rows': the mean information abundance of its fields' embedding
-    matrices (a model with an ``embed`` field table, as model/ctr has)."""
+    matrices (a model with an ``embed`` field table, as model/ctr has).
+
+    Opt-in, for multi-scenario data: ``sparse_auc`` is the AUC over the rows of sparse users,
+    those with at most ``sparse_max`` interactions known before the row in its scenario (the
+    row's ``history`` length: a history holds the user's earlier items of the row's scenario;
+    ``data.max_len`` must exceed ``sparse_max``). ``scenarios`` names the scenario ids 1..S in
+    order (``[beauty, sports]``); with it every CTR metric is also reported per scenario as
+    ``METRIC:NAME`` (``auc:beauty``, ``gauc:sports``, ``sparse_auc:beauty``), over the rows whose
+    field with role ``scenario`` holds that id. ``roles`` (role -> field) comes from the data.
+    """
 
     reads = ("logit",)
-    # How each CTR metric of the table is called: logloss takes probabilities, gauc the users.
-    CALLS: dict[str, Callable[[Tensor, Tensor, Tensor], float]] = {
-        "auc": lambda logit, label, user: M.auc(logit, label),
-        "gauc": lambda logit, label, user: M.gauc(logit, label, user),
-        "logloss": lambda logit, label, user: M.logloss(torch.sigmoid(logit), label),
+    # How each CTR metric of the table is called: logloss takes probabilities, gauc the users,
+    # sparse_auc the rows' history lengths.
+    CALLS: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor, int], float]] = {
+        "auc": lambda logit, label, user, known, most: M.auc(logit, label),
+        "gauc": lambda logit, label, user, known, most: M.gauc(logit, label, user),
+        "logloss": lambda logit, label, user, known, most: M.logloss(torch.sigmoid(logit), label),
+        "sparse_auc": lambda logit, label, user, known, most: M.auc(
+            logit[known <= most], label[known <= most]
+        ),
     }
 
-    def __init__(self, metrics: list[str]) -> None:
+    def __init__(
+        self,
+        metrics: list[str],
+        roles: dict[str, str],
+        scenarios: list[str] | None = None,
+        sparse_max: int = 5,
+    ) -> None:
         self.metric_names = check_metrics(metrics, [*self.CALLS, "abundance"], "eval/click")
+        if sparse_max < 0:
+            raise ValueError(f"sparse_max must be >= 0, got {sparse_max}")
+        self.sparse_max = sparse_max
+        self.scenarios = list(scenarios or [])
+        self.scenario_field = roles.get("scenario") if self.scenarios else None
+        if self.scenarios and self.scenario_field is None:
+            raise ValueError(
+                "scenarios needs a data view with a field of role 'scenario' (amazon_multidomain's domain)"
+            )
+        if len(set(self.scenarios)) != len(self.scenarios):
+            raise ValueError(f"scenarios must be distinct names, got {self.scenarios}")
+        self.history_field = roles.get("history") if "sparse_auc" in metrics else None
+        if "sparse_auc" in metrics and self.history_field is None:
+            raise ValueError(
+                "sparse_auc counts each row's history: it needs a view with a history field (ctr)"
+            )
         self.reset()
 
     def reset(self) -> None:
-        self._parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._parts: list[tuple[Tensor, ...]] = []
         self._model: nn.Module | None = None
 
     @torch.no_grad()
     def update(self, model: nn.Module, batch: dict[str, Tensor]) -> None:
         self._model = model
         logit = model(batch)["logit"].float()
-        self._parts.append((logit.cpu(), batch["label"].cpu(), batch["user"].cpu()))
+        label, user = batch["label"], batch["user"]
+        known = (batch[self.history_field] > 0).sum(1) if self.history_field else torch.zeros_like(user)
+        scenario = batch[self.scenario_field] if self.scenario_field else torch.zeros_like(user)
+        self._parts.append(tuple(t.cpu() for t in (logit, label, user, known, scenario)))
 
     def compute(self) -> dict[str, float]:
-        logit, label, user = (gather_rows(torch.cat(part)) for part in zip(*self._parts, strict=True))
-        out = {name: self.CALLS[name](logit, label, user) for name in self.metric_names if name in self.CALLS}
+        logit, label, user, known, scenario = (
+            gather_rows(torch.cat(part)) for part in zip(*self._parts, strict=True)
+        )
+        ctr = [name for name in self.metric_names if name in self.CALLS]
+        out = {name: self.CALLS[name](logit, label, user, known, self.sparse_max) for name in ctr}
         if "abundance" in self.metric_names:
             out["abundance"] = field_abundance(self._model)
-        return {name: out[name] for name in self.metric_names}
+        out = {name: out[name] for name in self.metric_names}
+        for code, scenario_name in enumerate(self.scenarios, start=1):
+            rows = scenario == code
+            for name in ctr:
+                out[f"{name}:{scenario_name}"] = self.CALLS[name](
+                    logit[rows], label[rows], user[rows], known[rows], self.sparse_max
+                )
+        return out
 
 
 def field_abundance(model: nn.Module | None) -> float:

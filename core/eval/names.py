@@ -30,6 +30,8 @@ METRICS: dict[str, Metric] = {
     "auc": Metric("auc"),
     "gauc": Metric("gauc"),
     "logloss": Metric("logloss", lower_is_better=True),
+    # AUC over the rows of users with few interactions before the row (eval/click's sparse_max).
+    "sparse_auc": Metric("auc"),
     # Mean over a CTR model's fields of their embedding matrices' information abundance.
     "abundance": Metric("information_abundance"),
     "hit": Metric("hit_at_k", cutoff=True),
