@@ -418,3 +418,14 @@ def test_bad_multi_scenario_recipe_input_gives_a_clean_error(
     assert 1 <= len(lines) <= 3, result.stderr
     for fragment in fragments:
         assert fragment in lines[0], (fragment, result.stderr)
+
+
+@pytest.mark.parametrize("name", ["shared_bottom", "mmoe", "ple", "star"])
+def test_backbone_runs_under_bf16_autocast(name: str) -> None:
+    model = backbones()[name]
+    x, scenario = rows()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # bf16 features, as a bf16 interest module hands them over
+        out = model(x.to(torch.bfloat16), scenario)
+    assert out.shape == (8,) and torch.isfinite(out.float()).all()
+    out.float().sum().backward()

@@ -98,10 +98,10 @@ class PartitionedNorm(nn.Module):
     def _one(self, s: int, rows: Tensor) -> Tensor:
         if self.training and rows.shape[0] > 1:
             mean, var = rows.mean(0), rows.var(0, unbiased=False)
-            with torch.no_grad():
+            with torch.no_grad():  # kept in the buffers' dtype whatever autocast computes in
                 unbiased = var * rows.shape[0] / (rows.shape[0] - 1)
-                self.running_mean[s].lerp_(mean, self.momentum)
-                self.running_var[s].lerp_(unbiased, self.momentum)
+                self.running_mean[s].lerp_(mean.to(self.running_mean.dtype), self.momentum)
+                self.running_var[s].lerp_(unbiased.to(self.running_var.dtype), self.momentum)
         else:
             mean, var = self.running_mean[s], self.running_var[s]
         scale = self.gamma * self.specific_gamma[s]
