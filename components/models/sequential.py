@@ -67,6 +67,11 @@ class SequentialRecommender(nn.Module):
             return weight
         return self.embed(torch.arange(len(weight), device=weight.device))
 
+    def output_tables(self) -> list[Tensor]:
+        """[(num_items, dim)]: the one table a scoring batch's ``scores`` are dot products with
+        (for a ``decoding/...`` component)."""
+        return [self.item_table()]
+
     @staticmethod
     def positions(embedding: nn.Embedding, length: int, device: torch.device) -> Tensor:
         """(L, dim) position embeddings of a window of L items, counted back from the most recent (0)."""
@@ -129,6 +134,10 @@ class MaskedItemRecommender(SequentialRecommender):
 
     def _scores(self, hidden: Tensor) -> Tensor:
         return self.head(hidden) @ self.item_embedding.weight[: self.num_items].T + self.output_bias
+
+    def output_tables(self) -> list[Tensor]:
+        """[(num_items, dim)]: the scored rows of the item table (the mask token's row is not)."""
+        return [self.item_embedding.weight[: self.num_items]]
 
     def _mask_items(self, sequences: Tensor) -> tuple[Tensor, Tensor]:
         """(B, W) left-padded ids → the ids with masks in, and the bool (B, W) masked positions."""

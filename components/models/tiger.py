@@ -230,3 +230,12 @@ class Tiger(nn.Module):
         start, size = int(self.offsets[t]), self.code_sizes[t]
         logits = hidden @ self.token_embedding.weight[start : start + size].T
         return F.log_softmax(logits.float(), dim=-1).reshape(b, m, size)
+
+    def output_tables(self) -> list[Tensor]:
+        """One (K_t, dim) table per code level t: the code embeddings level t's logits are dot
+        products with in ``next_code_log_probs`` (for a ``decoding/...`` component)."""
+        starts = [int(start) for start in self.offsets[: self.levels]]
+        return [
+            self.token_embedding.weight[start : start + size]
+            for start, size in zip(starts, self.code_sizes, strict=True)
+        ]

@@ -33,6 +33,7 @@ MODULES = (
     "rex.components.attention.target",
     "rex.components.backbones.multi_scenario",
     "rex.components.clustering.kmeans",
+    "rex.components.decoding.usd",
     "rex.components.denoisers.conditional",
     "rex.components.denoisers.schedule",
     "rex.components.denoisers.synergy",

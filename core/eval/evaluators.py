@@ -8,10 +8,12 @@ in ``eval.evaluator``, or its task's default is used; the core passes the recipe
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
+from rex.config.errors import RecipeError
 from rex.config.registry import register
 from rex.eval import metrics as M
 from rex.eval.gather import gather_rows
@@ -37,6 +39,38 @@ class Evaluator:
         raise NotImplementedError
 
 
+@runtime_checkable
+class Decoding(Protocol):
+    """An inference-time transform of a model's scores: an evaluator's ``decoding`` argument
+    (a ``decoding/...`` component, such as ``decoding/usd``).
+
+    ``fit(tables)`` is called once per evaluation pass with the model's ``output_tables()``: one
+    (V_t, D) table per decoding step, the vectors that step's scores are dot products with.
+    ``decoding(scores (..., V_t), step) -> (..., V_t)`` then returns the scores ranked instead;
+    -inf entries (masked items) stay -inf.
+    """
+
+    def fit(self, tables: list[Tensor]) -> None: ...
+
+    def __call__(self, scores: Tensor, step: int = 0) -> Tensor: ...
+
+
+def fit_decoding(decoding: Decoding, model: nn.Module, evaluator: str) -> None:
+    """Fits ``decoding`` on ``model.output_tables()``; a RecipeError at ``eval.evaluator.decoding``
+    when the model has none or the decoding rejects them."""
+    tables = getattr(model, "output_tables", None)
+    if not callable(tables):
+        raise RecipeError(
+            f"{evaluator} cannot decode {type(model).__name__}'s scores: the model has no "
+            "output_tables() (the vectors its scores are dot products with); remove decoding",
+            key="eval.evaluator.decoding",
+        )
+    try:
+        decoding.fit([table.detach() for table in tables()])
+    except ValueError as exc:
+        raise RecipeError(str(exc), key="eval.evaluator.decoding") from exc
+
+
 def check_metrics(metrics: list[str], allowed: Sequence[str], evaluator: str) -> list[str]:
     """``metrics`` unchanged when each names a metric in ``allowed``; a ValueError naming what the
     evaluator computes otherwise (for a name the metric table does not know, too)."""
@@ -57,7 +91,9 @@ class RankingEvaluator(Evaluator):
     Reads ``scores`` (B, num_items) for a batch's ``history`` (B, L), the model's window, and
     ``target`` (B,). Scores of the padding item, and with ``exclude_history`` of every item in
     ``seen`` (B, S), the user's whole training history however long, are masked to -inf: the
-    protocol excludes the history, not only the part the model reads. Only the target's rank is
+    protocol excludes the history, not only the part the model reads. ``decoding`` (a
+    ``decoding/...`` component, fitted once per pass on the model's ``output_tables()``) then
+    transforms the masked scores before ranking. Only the target's rank is
     kept per user. A batch is scored ``chunk_rows``
     users at a time: a (chunk_rows, num_items) score matrix stays in cache while it is masked
     and ranked, which on CPU is several times faster than one matrix for the whole batch, and
@@ -66,18 +102,29 @@ class RankingEvaluator(Evaluator):
 
     reads = ("scores",)
 
-    def __init__(self, metrics: list[str], exclude_history: bool, chunk_rows: int = 256) -> None:
+    def __init__(
+        self,
+        metrics: list[str],
+        exclude_history: bool,
+        chunk_rows: int = 256,
+        decoding: Decoding | None = None,
+    ) -> None:
         self.metric_names = check_metrics(metrics, list(M.RANKING_METRICS), "eval/ranking")
         self.exclude_history = exclude_history
         self.chunk_rows = chunk_rows
+        self.decoding = decoding
         self.reset()
 
     def reset(self) -> None:
         self._ranks: list[Tensor] = []
         self._num_items = 0
+        self._fitted = False
 
     @torch.no_grad()
     def update(self, model: nn.Module, batch: dict[str, Tensor]) -> None:
+        if self.decoding is not None and not self._fitted:
+            fit_decoding(self.decoding, model, "eval/ranking")
+            self._fitted = True
         rows = batch["target"].shape[0]
         for start in range(0, rows, self.chunk_rows):
             chunk = {name: value[start : start + self.chunk_rows] for name, value in batch.items()}
@@ -86,6 +133,8 @@ class RankingEvaluator(Evaluator):
             scores[:, 0] = -torch.inf
             if self.exclude_history:
                 scores.scatter_(1, trim_left_padding(chunk["seen"]), -torch.inf)
+            if self.decoding is not None:
+                scores = self.decoding(scores, 0)
             self._num_items = scores.shape[1]
             self._ranks.append(M.target_rank(scores, chunk["target"]).cpu())
 

@@ -19,7 +19,14 @@ from torch import Tensor, nn
 
 from rex.config.registry import register
 from rex.eval import metrics as M
-from rex.eval.evaluators import Evaluator, check_metrics, ranking_metrics, trim_left_padding
+from rex.eval.evaluators import (
+    Decoding,
+    Evaluator,
+    check_metrics,
+    fit_decoding,
+    ranking_metrics,
+    trim_left_padding,
+)
 from rex.eval.gather import gather_rows, sum_counts
 
 
@@ -96,7 +103,12 @@ class CodeTrie:
 
 @torch.no_grad()
 def beam_search(
-    model: GenerativeModel, trie: CodeTrie, history: Tensor, beam: int, seen: Tensor | None
+    model: GenerativeModel,
+    trie: CodeTrie,
+    history: Tensor,
+    beam: int,
+    seen: Tensor | None,
+    decoding: Decoding | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The ``beam`` best valid code tuples per user, best first, given the (B, W) ``history``
     window and, when the history is excluded, ``seen`` (B, S): every item of it.
@@ -104,7 +116,8 @@ def beam_search(
     Returns ``items`` (B, M) long (0 where a slot is empty: fewer than ``beam`` allowed items),
     ``scores`` (B, M) float, the summed code log-probs (-inf in empty slots), and ``codes``
     (B, M, C) long, the generated tuples; M <= ``beam``. At each level the M live prefixes
-    are extended by every code, a code is allowed only if the trie has the child and (with
+    are extended by every code (its log-prob first passed through ``decoding``, fitted, as
+    step t, when given), a code is allowed only if the trie has the child and (with
     ``seen``) the child still has an item outside ``seen``, and the
     ``beam`` best allowed extensions survive. With ``beam`` >= the number of items, no allowed
     prefix is ever dropped and the result is the exact ranking of every allowed item.
@@ -118,6 +131,8 @@ def beam_search(
     prefixes = torch.zeros(b, 1, 0, dtype=torch.long, device=device)
     for t in range(trie.levels):
         log_probs = model.next_code_log_probs(state, prefixes).float()  # (B, m, K_t)
+        if decoding is not None:
+            log_probs = decoding(log_probs, t)
         size = log_probs.shape[-1]
         child = trie.children[t][nodes.clamp(min=0)]  # (B, m, K_t); dead beams masked by score
         allowed = (child >= 0) & torch.isfinite(scores)[..., None]
@@ -159,11 +174,17 @@ class GenerativeEvaluator(Evaluator):
     mrr, hit @k), ``compute`` reports ``invalid_beams`` and ``duplicate_beams``: the share of
     returned beams whose code tuple is no item's, and that repeat an item already returned for
     the user (0 when the constraints hold; checked against ``item_codes`` independently of the
-    trie).
+    trie). ``decoding`` (a ``decoding/...`` component, fitted once per pass on the model's
+    ``output_tables()``, one per code level) transforms each level's log-probs in the search.
     """
 
     def __init__(
-        self, metrics: list[str], exclude_history: bool, beam: int = 20, chunk_rows: int = 256
+        self,
+        metrics: list[str],
+        exclude_history: bool,
+        beam: int = 20,
+        chunk_rows: int = 256,
+        decoding: Decoding | None = None,
     ) -> None:
         self.metric_names = check_metrics(metrics, {"recall", "ndcg", "mrr", "hit"}, "eval/generative")
         if isinstance(beam, bool) or beam < 1:
@@ -179,6 +200,7 @@ class GenerativeEvaluator(Evaluator):
         self.exclude_history = exclude_history
         self.beam = beam
         self.chunk_rows = chunk_rows
+        self.decoding = decoding
         self._trie: CodeTrie | None = None
         self._codes: Tensor | None = None
         self.reset()
@@ -188,6 +210,7 @@ class GenerativeEvaluator(Evaluator):
         self._returned = 0
         self._invalid = 0
         self._duplicate = 0
+        self._fitted = False
 
     def trie(self, item_codes: Tensor) -> CodeTrie:
         """The trie of ``item_codes``, rebuilt only when the model's codes tensor changes."""
@@ -204,13 +227,18 @@ class GenerativeEvaluator(Evaluator):
             )
         history, target = batch["history"], batch["target"].long()
         trie = self.trie(item_codes)
+        if self.decoding is not None and not self._fitted:
+            fit_decoding(self.decoding, model, "eval/generative")
+            self._fitted = True
         # Rows sorted by history length and searched chunk by chunk, each cut to its own longest
         # history: most histories are short, and a batch padded to its longest one would encode
         # several times more padding than items.
         for rows in torch.argsort((history != 0).sum(dim=1)).split(self.chunk_rows):
             chunk = trim_left_padding(history[rows])
             seen = trim_left_padding(batch["seen"][rows]) if self.exclude_history else None
-            items, scores, codes = beam_search(cast(GenerativeModel, model), trie, chunk, self.beam, seen)
+            items, scores, codes = beam_search(
+                cast(GenerativeModel, model), trie, chunk, self.beam, seen, self.decoding
+            )
             hit = items == target[rows].to(items.device)[:, None]
             ranks = torch.where(hit.any(dim=1), hit.int().argmax(dim=1), self.beam)
             self._ranks.append(ranks.cpu())
