@@ -98,6 +98,23 @@ class FirstBatches:
             yield batch
 
 
+class UntilDeadline:
+    """A RecBole training loader that stops yielding at ``deadline`` (``perf_counter`` seconds);
+    ``cut`` says whether it did, so the interrupted epoch is neither validated nor counted."""
+
+    def __init__(self, loader: Any, deadline: float) -> None:
+        self.loader, self.deadline, self.cut = loader, deadline, False
+        self.shuffle = loader.shuffle
+
+    def __iter__(self) -> Iterator[Any]:
+        self.cut = False
+        for batch in self.loader:
+            if time.perf_counter() >= self.deadline:
+                self.cut = True
+                return
+            yield batch
+
+
 def prep(dataset: str) -> dict[str, Any]:
     started = time.perf_counter()
     model, extra = ("SASRec", PROTOCOL) if dataset == "beauty" else ("BPR", ML1M)
@@ -148,15 +165,20 @@ def throughput(seed: int, warmup: int, batches: int) -> dict[str, Any]:
 
 def budget(model: str, seed: int, budget_s: float) -> dict[str, Any]:
     """As ``Trainer.fit`` does, validating after every epoch, while one more epoch fits in
-    ``budget_s`` (measure.within_budget); then the test metrics of the best validation epoch."""
+    ``budget_s`` (measure.within_budget); an epoch still running at the budget's end is
+    abandoned. Then the test metrics of the best validation epoch (None if none finished)."""
     trainer, train, valid, test, load_s = _model(model, seed)
     curve: list[dict[str, float]] = []
     wall = longest = 0.0
     best_score, best_state = -1.0, None
     epoch = 0
+    loader = UntilDeadline(train, time.perf_counter() + budget_s)
     while within_budget(wall, longest, budget_s):
         started = time.perf_counter()
-        trainer._train_epoch(train, epoch)
+        trainer._train_epoch(loader, epoch)
+        if loader.cut:
+            print(json.dumps({"abandoned_epoch": epoch + 1, "at_s": wall + time.perf_counter() - started}))
+            break
         train_s = time.perf_counter() - started
         score, result = trainer._valid_epoch(valid)
         epoch += 1
@@ -168,8 +190,10 @@ def budget(model: str, seed: int, budget_s: float) -> dict[str, Any]:
         print(json.dumps(curve[-1]), flush=True)
         if score > best_score:
             best_score, best_state = score, copy.deepcopy(trainer.model.state_dict())
-    trainer.model.load_state_dict(best_state)
-    test_result, eval_s = _timed_eval(trainer, test)
+    test_result, eval_s = None, None
+    if best_state is not None:
+        trainer.model.load_state_dict(best_state)
+        test_result, eval_s = _timed_eval(trainer, test)
     return {
         "model": model,
         "budget_s": budget_s,

@@ -114,6 +114,8 @@ class Timeline(Callback):
         self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, index: int
     ) -> None:
         self.batches += 1
+        if time.perf_counter() - self._fit_start >= self.budget_s:
+            trainer.should_stop = True  # as RecBole's side abandons an epoch at the budget's end
         if self.batches > self.warmup:
             self.train_s += time.perf_counter() - self._batch_start
             self.samples += int((batch["targets"] > 0).sum())
