@@ -47,6 +47,9 @@ def test_shapes_and_masked_entries() -> None:
     assert usd(torch.randn(4, 5), 1).shape == (4, 5)
     with pytest.raises(ValueError, match="step 1 scores 8 entries"):
         usd(scores, 1)
+    # A step with no more vectors than k (TIGER's 4-code disambiguation level): one per group.
+    usd.fit([torch.randn(8, 4), torch.randn(3, 4)])
+    assert torch.equal(usd.groups[1], torch.arange(3))
 
 
 def test_hand_computed_redistribution_and_entropy() -> None:

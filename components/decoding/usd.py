@@ -25,7 +25,8 @@ class UncertaintyAwareSemanticDecoding:
     products with a hidden state are that step's logits (SASRec: its item embeddings, one step;
     TIGER: level t's code embeddings, one step per level). Since an item's logit for any user is
     h · e_item, items with close e_item have close logit vectors over all users, so clustering
-    the table (``cluster``, balanced k-means, k groups per step) groups items by logit vector.
+    the table (``cluster``, balanced k-means, k groups per step; one vector per group for a step of
+    at most k vectors) groups items by logit vector.
 
     ``__call__(scores (..., V_t), step) -> (..., V_t)`` float64, for each row of scores:
 
@@ -72,15 +73,18 @@ class UncertaintyAwareSemanticDecoding:
         self.groups: list[Tensor] = []
 
     def fit(self, tables: list[Tensor]) -> None:
-        """Groups (V_t,) long in [0, k) for each step's (V_t, D) table."""
+        """Groups (V_t,) long in [0, k) for each step's (V_t, D) table; a table of at most k
+        vectors (TIGER's short disambiguation level, say) puts each vector in its own group."""
         self.groups = []
         for step, table in enumerate(tables):
-            if table.dim() != 2 or len(table) < self.cluster.k:
+            if table.dim() != 2 or not len(table):
                 raise ValueError(
-                    f"decoding/usd cannot form cluster.k = {self.cluster.k} groups from step {step}'s "
-                    f"{len(table)} vectors: lower cluster.k"
+                    f"decoding/usd needs (V, D) output tables, step {step}'s is {tuple(table.shape)}"
                 )
-            self.groups.append(self.cluster.fit(table.float().cpu()).to(table.device))
+            if len(table) <= self.cluster.k:
+                self.groups.append(torch.arange(len(table), device=table.device))
+            else:
+                self.groups.append(self.cluster.fit(table.float().cpu()).to(table.device))
 
     def __call__(self, scores: Tensor, step: int = 0) -> Tensor:
         if step >= len(self.groups):
