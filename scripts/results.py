@@ -9,6 +9,7 @@ once). Finished entries are kept and skipped, so the table can be filled across 
     python scripts/results.py --only scientific_mm --dry-run
     python scripts/results.py --only scientific_mm --label Diff-MSIN   # rows by label prefix
     python scripts/results.py --table-only    # rewrite docs/results.md from finished runs
+    python scripts/results.py --usd           # USD decoding on finished runs that lack it
 
 Runs go to ``runs/results/<dataset>/<entry>/`` (git-ignored); the table to docs/results.md.
 """
@@ -195,8 +196,41 @@ ENTRIES = [
 ]
 
 
+@dataclass(frozen=True)
+class DecodingSource:
+    """A finished entry whose seeds are evaluated with and without USD (scripts/usd_eval.py)."""
+
+    dataset: str
+    model: str  # names the JSON files: runs/results/usd/<dataset>-<model>-<seed>.json
+    entry_label: str  # the ENTRIES row whose runs are decoded
+    stage: str = ""
+
+
+USD = RUNS / "usd"
+USD_SECTION = "USD decoding"
+USD_METRICS = ("hit@3", "ndcg@3", "mrr@3", "hit@10", "ndcg@10", "mrr@10")
+USD_SOURCES = [
+    DecodingSource("scientific", "sasrec", "SASRec"),
+    DecodingSource("beauty", "sasrec", "SASRec (the collaborative stage)", "collaborative"),
+    DecodingSource("beauty", "tiger", "TIGER (collaborative IDs)", "recommender"),
+]
+
+
 # What each generative section's rows mean, printed under its heading.
 NOTES = {
+    USD_SECTION: (
+        "Uncertainty-aware Semantic Decoding (arXiv:2508.07210) applied at test time to the trained "
+        "runs of the generative sections above (same checkpoints, split and whole-history mask). "
+        "Its settings are chosen per seed on validation NDCG@10 from a small grid (K-means groups "
+        "256 or 1,024 of the output item table, mix 0, 0.2 or 0.5 toward the group mean, entropy "
+        "weight -1, 0 or 1; TIGER's beam search, slow on CPU: 64 groups, mix 0 or 0.2, weight 1), "
+        "then tested once with and once without. The paper's metrics are @3. USD does not help "
+        "here: on SASRec the best grid point gains 0.0001-0.0017 validation NDCG@10 and nothing "
+        "on test (means within 0.0001 at every metric); on TIGER every grid point is below plain "
+        "decoding on validation (-0.005 at best) and costs 0.0024 test NDCG@10. Sports is not "
+        "run yet: no SASRec or TIGER run on it exists. "
+        "`python scripts/results.py --usd` evaluates the finished seeds that lack a result."
+    ),
     "scientific_mm": (
         "Amazon Scientific (DecoRec), CTR: each next item plus one sampled negative, the history is "
         "the user's earlier items (up to 50, every row). M3BSR here is its modality-denoising half only (text and image histories denoised "
@@ -288,6 +322,64 @@ def seed_metrics(entry: Entry) -> list[Path]:
 def summary_file(entry: Entry) -> Path | None:
     found = sorted(folder(entry).glob("*/*/summary.json"))
     return found[-1] if found else None
+
+
+def usd_file(source: DecodingSource, seed_dir: Path) -> Path:
+    return USD / f"{source.dataset}-{source.model}-{seed_dir.name.removeprefix('seed-')}.json"
+
+
+def usd_seed_dirs(source: DecodingSource) -> list[Path]:
+    """The seed folders of the source entry's latest finished run."""
+    entry = next(e for e in ENTRIES if e.dataset == source.dataset and e.label == source.entry_label)
+    return [f.parent.parent if entry.stage else f.parent for f in seed_metrics(entry)]
+
+
+def run_usd() -> list[str]:
+    """scripts/usd_eval.py on every finished seed that has no USD result yet; failures."""
+    failed = []
+    for source in USD_SOURCES:
+        for seed_dir in usd_seed_dirs(source):
+            out = usd_file(source, seed_dir)
+            if out.is_file():
+                continue
+            args = [sys.executable, str(REPO / "scripts" / "usd_eval.py"), str(seed_dir)]
+            args += [source.stage, str(out)] if source.stage else [str(out)]
+            print(f"[usd] {' '.join(args[1:])}", flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(out.with_suffix(".log"), "wb") as log:
+                if subprocess.run(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode:
+                    failed.append(f"usd: {out.name}")
+    return failed
+
+
+def usd_lines(seeds: int) -> list[str]:
+    """The USD section: each source's test metrics without and with the decoding."""
+    lines = [f"## {USD_SECTION}", "", NOTES[USD_SECTION], ""]
+    lines += [
+        f"| dataset | model | decoding | {' | '.join(USD_METRICS)} | settings chosen | command |",
+        "|---|---|---|" + "---|" * len(USD_METRICS) + "---|---|",
+    ]
+    for source in USD_SOURCES:
+        results = [
+            json.loads(f.read_text()) for f in sorted(USD.glob(f"{source.dataset}-{source.model}-*.json"))
+        ]
+        short = f" ({len(results)} seed{'s' * (len(results) > 1)})" if len(results) != seeds else ""
+        chosen = "; ".join(
+            "k {k}, mix {mix}, weight {weight}".format(
+                k=r["chosen"]["cluster"]["k"], mix=r["chosen"]["mix"], weight=r["chosen"]["entropy_weight"]
+            )
+            for r in results
+        )
+        stage = f" {source.stage}" if source.stage else ""
+        command = f"`python scripts/usd_eval.py SEED_DIR{stage} OUT.json`"
+        for side, name in (("test_plain", "plain"), ("test_usd", "USD")):
+            cells = [_cell([r[side][m] for r in results]) for m in USD_METRICS]
+            settings = (chosen or "—") if side == "test_usd" else ""
+            lines.append(
+                f"| {source.dataset} | {source.entry_label}{short} | {name} | {' | '.join(cells)} "
+                f"| {settings} | {command} |"
+            )
+    return [*lines, ""]
 
 
 def command(entry: Entry, seeds: int, threads: int | None) -> list[str]:
@@ -417,6 +509,7 @@ def write_table(seeds: int) -> None:
                 f"| {entry.label}{short} | {entry.role} | {' | '.join(cells)} | {wall} | {command} |"
             )
         lines.append("")
+    lines += usd_lines(seeds)
     TABLE.parent.mkdir(parents=True, exist_ok=True)
     tmp = TABLE.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines))
@@ -432,8 +525,17 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="entries run at once (1 torch thread each)")
     parser.add_argument("--dry-run", action="store_true", help="list what would run")
     parser.add_argument("--table-only", action="store_true", help="write docs/results.md only")
+    parser.add_argument(
+        "--usd",
+        action="store_true",
+        help="only evaluate USD on finished runs that lack it, then write the table",
+    )
     args = parser.parse_args()
-    if not args.table_only:
+    if args.usd:
+        failed = run_usd()
+        if failed:
+            print(f"failed: {'; '.join(failed)}", file=sys.stderr)
+    elif not args.table_only:
         todo = [
             e
             for e in ENTRIES
