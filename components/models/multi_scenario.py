@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from rex.components.experts.cgc import Node
@@ -19,6 +20,10 @@ class MultiScenarioCTR(CTRInputs):
     ``scenario`` (``roles`` comes from the dataset's view): ids 1..S, S = its vocabulary
     size - 1; it is embedded as a feature too when ``use_fields`` names it. Returns ``logit``
     (B,) and any loss terms of the interest module.
+
+    ``gsvr`` (a ``variational/gsvr`` node, GSVR; null = off) appends scenario-specific Gaussian
+    user and item representations to the backbone's input and returns the posterior's and the
+    prior's parameters for ``loss/gaussian_kl``.
     """
 
     def __init__(
@@ -29,6 +34,7 @@ class MultiScenarioCTR(CTRInputs):
         backbone: Node,
         interest: Node | None = None,
         use_fields: list[str] | None = None,
+        gsvr: Node | None = None,
     ) -> None:
         scenario = roles.get("scenario")
         if scenario is None or scenario not in fields:
@@ -40,8 +46,16 @@ class MultiScenarioCTR(CTRInputs):
         super().__init__(fields, embed, interest, use_fields=use_fields)
         self.scenario_field = scenario
         self.scenarios = fields[scenario] - 1
-        self.backbone = backbone(in_dim=self.width, scenarios=self.scenarios)
+        self.gsvr = gsvr(scenarios=self.scenarios) if gsvr is not None else None
+        width = self.width + (self.gsvr.out_dim if self.gsvr is not None else 0)
+        self.backbone = backbone(in_dim=width, scenarios=self.scenarios)
+        if self.gsvr is not None:
+            self.outputs = self.outputs | self.gsvr.outputs
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         x, _, extra = self.inputs(batch)
-        return {"logit": self.backbone(x, batch[self.scenario_field] - 1), **extra}
+        scenario = batch[self.scenario_field] - 1
+        if self.gsvr is not None:
+            features, terms = self.gsvr(batch, scenario)
+            x, extra = torch.cat([x, features], dim=1), {**extra, **terms}
+        return {"logit": self.backbone(x, scenario), **extra}

@@ -61,6 +61,7 @@ MODULES = (
     "rex.components.losses.diffusion",
     "rex.components.losses.generative",
     "rex.components.losses.reconstruction",
+    "rex.components.losses.variational",
     "rex.components.models.ctr",
     "rex.components.models.diff_msin",
     "rex.components.models.dmae",
@@ -72,6 +73,7 @@ MODULES = (
     "rex.components.models.sequential",
     "rex.components.models.tiger",
     "rex.components.quantizers.residual",
+    "rex.components.variational.gsvr",
 )
 INDEX_FILE = Path(__file__).with_name("components.json")
 
