@@ -1,9 +1,10 @@
 """Tasks: how a recipe's training and evaluation batches are built, and what selects models.
 
-A task is a registered component (``task/ctr``, ``task/next_item``, ``task/items``) that a
-recipe names in ``task:``. It binds the data view it reads by default, the columns of each split,
-the transform that turns a training batch into model inputs, and the default evaluator,
-metrics and monitor. Adding a task never means editing the core: register a :class:`Task`.
+A task is a registered component (``task/ctr``, ``task/next_item``, ``task/items``,
+``task/multi_objective``) that a recipe names in ``task:``. It binds the data view it reads by
+default, the columns of each split, the transform that turns a training batch into model inputs,
+and the default evaluator, metrics and monitor. Adding a task never means editing the core:
+register a :class:`Task`.
 """
 
 from __future__ import annotations
@@ -133,6 +134,38 @@ class ItemsTask(Task):
         import torch
 
         return {"item": torch.arange(1, data.schema.num_items, dtype=torch.int32)}
+
+
+@register("task/multi_objective")
+class MultiObjectiveTask(Task):
+    """Multi-objective retrieval (view, cart, buy): training rows are (user, item, objective)
+    pairs with the user's behaviour lists joined by user id; evaluation rows hold each objective's
+    held-out item, ranked by the model against every item (``eval/retrieval``). See
+    :mod:`rex.data.objectives`."""
+
+    view = "retrieval"
+    evaluator = "eval/retrieval"
+    metrics = ("recall@50", "recall@200", "ndcg@50")
+    monitor = "ndcg@50"
+
+    def __init__(self) -> None:
+        self._join: Transform | None = None
+
+    def columns(self, data: RexDataModule, split: str) -> dict[str, Column]:
+        from rex.data.objectives import objective_columns
+
+        columns, join = objective_columns(data, split)
+        if join is not None:
+            # The join holds the users' lists, read here from the view's users table; the
+            # datamodule asks for a split's transform right after its columns.
+            self._join = join
+        return columns
+
+    def transform(self, split: str) -> Transform | None:
+        if split != "train":
+            return None
+        assert self._join is not None, "columns('train') reads the lists the join needs"
+        return self._join
 
 
 def _stored_columns(data: RexDataModule) -> list[str]:

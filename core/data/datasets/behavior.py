@@ -33,6 +33,20 @@ Taobao, their own train and test parts alike, as MuLE does).
 * ``users``: one row per user id (row ``u`` is user ``u``; row 0, padding, is empty) with the
   ``history_<behaviour>`` lists of the ``sequence`` view. A ``ctr`` recipe joins them to its
   rows by user id (``data.user_columns``), so 1.85M Taobao rows do not each carry a copy.
+* ``retrieval`` (Taobao only, whose file gives a test part of every behaviour; ``task:
+  multi_objective``): every behaviour is an objective with its own held-out items. Test: the
+  given test item of each behaviour (one per user). Validation: one training item of each
+  behaviour per user with at least two (buys: the ``sequence`` view's validation buys; view and
+  cart drawn with ``objective_valid_seed``), removed from training. ``ret_train`` has one row per
+  remaining (user, item, objective) (``objective`` 1..K in funnel order); ``ret_users`` row
+  ``u`` holds user ``u``'s training items of each behaviour (``history_<behaviour>``), which a
+  training row joins by user id; ``ret_valid`` / ``ret_test`` hold one row per user with those
+  lists (test: also the validation items) and ``target_<behaviour>`` (0: none held out). No
+  held-out pair is in any list of its split; a held-out item may be in another behaviour's list
+  (a bought item was often viewed), as it may at serving time. ``retrieval_<behaviour>`` is the
+  same view training on that behaviour's rows only (``ret_train_<behaviour>``), for one stage of
+  a cascade. The ``history_*`` lists of the ``users`` view above hold every row, test parts
+  included, so they must not feed this task.
 """
 
 from __future__ import annotations
@@ -99,6 +113,8 @@ class TaobaoMbParams(SequenceCtrParams):
     """Params of ``taobao_mb`` (section ``taobao_mb:`` of params.yaml)."""
 
     valid_seed: int = 2024  # which training buy of each user is held out for validation
+    # which training view and cart of each user are held out for the retrieval view's validation
+    objective_valid_seed: int = 2024
 
 
 class TmallMbParams(SequenceCtrParams):
@@ -125,7 +141,8 @@ class MultiBehavior:
 
     ``behaviors`` maps every behaviour, in funnel order with buy last, to all its rows;
     ``buys`` are the given training buys, ``held_out`` the mask of those kept for validation,
-    and ``test`` the test buys.
+    and ``test`` the test buys. ``tested``, where the source splits every behaviour, marks each
+    behaviour's rows of the given test part (Taobao; it makes the ``retrieval`` view).
     """
 
     name: str
@@ -135,6 +152,7 @@ class MultiBehavior:
     test: Pairs
     num_users: int
     num_items: int
+    tested: dict[str, np.ndarray] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,6 +250,103 @@ def _ctr_tables(
     return tables, {"ctr_positives": len(anchors), "ctr_negatives": int(negatives.size)}
 
 
+def _one_per_user(pairs: Pairs, num_users: int, what: str) -> np.ndarray:
+    """(num_users,) each user's item of ``pairs`` (0 for none); a DataError if a user has two."""
+    if len(np.unique(pairs.users)) != len(pairs.users):
+        raise DataError(f"expected at most one held-out {what} item per user")
+    target = np.zeros(num_users, dtype=np.int64)
+    target[pairs.users] = pairs.items
+    return target
+
+
+def _retrieval(
+    data: MultiBehavior, valid_seed: int
+) -> tuple[dict[str, pa.Table], dict[str, ViewSpec], dict[str, int]]:
+    """The ``retrieval`` views' tables, views and counts (see the module docstring)."""
+    assert data.tested is not None
+    num_users, num_items = data.num_users, data.num_items
+    names = list(data.behaviors)
+    parts: dict[str, tuple[Pairs, Pairs, Pairs]] = {}  # behaviour -> (train, valid, test)
+    for name, pairs in data.behaviors.items():
+        given = pairs[~data.tested[name]]
+        held = data.held_out if name == TARGET else hold_out_one_per_user(given.users, valid_seed)
+        parts[name] = (given[~held], given[held], pairs[data.tested[name]])
+    lists = {name: _by_user(train, num_users) for name, (train, _, _) in parts.items()}
+    # What test rows may see: the training and the validation items.
+    seen = {
+        name: _by_user(
+            Pairs(np.concatenate([t.users, v.users]), np.concatenate([t.items, v.items])), num_users
+        )
+        for name, (t, v, _) in parts.items()
+    }
+    users = np.arange(num_users, dtype=np.int64)
+
+    def held_out_table(split: int, histories: dict[str, RaggedColumn]) -> pa.Table:
+        targets = {name: _one_per_user(part[split], num_users, name) for name, part in parts.items()}
+        rows = np.flatnonzero(np.any([t > 0 for t in targets.values()], axis=0))
+        return pa.table(
+            {
+                "user": pa.array(rows),
+                **{f"history_{n}": histories[n].take(rows).to_arrow() for n in names},
+                **{f"target_{n}": pa.array(targets[n][rows]) for n in names},
+            }
+        )
+
+    def train_table(chosen: list[str]) -> pa.Table:
+        trains = [parts[n][0] for n in chosen]
+        objective = [
+            np.full(len(t.users), names.index(n) + 1, dtype=np.int64)
+            for n, t in zip(chosen, trains, strict=True)
+        ]
+        return pa.table(
+            {
+                "user": pa.array(np.concatenate([t.users for t in trains])),
+                "item": pa.array(np.concatenate([t.items for t in trains])),
+                "objective": pa.array(np.concatenate(objective)),
+            }
+        )
+
+    tables = {
+        "ret_train": train_table(names),
+        **{f"ret_train_{n}": train_table([n]) for n in names},
+        "ret_users": pa.table(
+            {"user": pa.array(users), **{f"history_{n}": lists[n].to_arrow() for n in names}}
+        ),
+        "ret_valid": held_out_table(1, lists),
+        "ret_test": held_out_table(2, seen),
+    }
+    item = {"vocab_size": num_items, "vocab_of": "item"}
+    fields = {
+        "user": FieldSpec(role="user", kind="categorical", vocab_size=num_users),
+        "item": FieldSpec(role="item", kind="categorical", vocab_size=num_items),
+        "objective": FieldSpec(role="objective", kind="categorical", vocab_size=len(names) + 1),
+        **{f"history_{n}": FieldSpec(role=f"history:{n}", kind="sequence", **item) for n in names},
+        **{f"target_{n}": FieldSpec(role=f"target:{n}", kind="categorical", **item) for n in names},
+    }
+    order = ORDER.format(funnel=" -> ".join(names))
+
+    def view(train: str) -> ViewSpec:
+        splits = {"train": train, "valid": "ret_valid", "test": "ret_test", "users": "ret_users"}
+        return ViewSpec(tables=splits, fields=fields, protocol="given_split", order=order)
+
+    views = {"retrieval": view("ret_train"), **{f"retrieval_{n}": view(f"ret_train_{n}") for n in names}}
+    counts: dict[str, int] = {}
+    for name, (train, valid, test) in parts.items():
+        counts.update({f"ret_{name}_train": len(train.users), f"ret_{name}_valid": len(valid.users)})
+        # How many test items each other behaviour's lists already hold (legitimate inputs, e.g.
+        # a bought item that was viewed), so a reader sees what the user tower can draw on.
+        for other in names:
+            if other != name:
+                keys = Pairs(*_pairs_of(seen[other])).keys(num_items)
+                counts[f"ret_test_{name}_in_{other}"] = int(np.isin(test.keys(num_items), keys).sum())
+    return tables, views, counts
+
+
+def _pairs_of(lists: RaggedColumn) -> tuple[np.ndarray, np.ndarray]:
+    """(users, items) of the per-user lists (row ``u`` = user ``u``)."""
+    return np.repeat(np.arange(len(lists), dtype=np.int64), lists.lengths()), lists.values
+
+
 def _views(data: MultiBehavior, aux: list[str]) -> dict[str, ViewSpec]:
     """The ``sequence`` view with a ``history_<behaviour>`` field per auxiliary behaviour, the
     ``ctr`` view with a ``label_<behaviour>`` field per behaviour, and the ``users`` view."""
@@ -261,7 +376,7 @@ def _views(data: MultiBehavior, aux: list[str]) -> dict[str, ViewSpec]:
     }
 
 
-def _build(data: MultiBehavior, params: SequenceCtrParams) -> Built:
+def _build(data: MultiBehavior, params: SequenceCtrParams, objective_valid_seed: int = 0) -> Built:
     num_users, num_items = data.num_users, data.num_items
     aux = [name for name in data.behaviors if name != TARGET]
     train, valid = data.buys[~data.held_out], data.buys[data.held_out]
@@ -304,13 +419,19 @@ def _build(data: MultiBehavior, params: SequenceCtrParams) -> Built:
         **_containment(data.behaviors, num_items),
         **ctr_counts,
     }
+    views = _views(data, aux)
+    if data.tested is not None:
+        ret_tables, ret_views, ret_counts = _retrieval(data, objective_valid_seed)
+        tables.update(ret_tables)
+        views.update(ret_views)
+        counts.update(ret_counts)
     log(f"{data.name}: {', '.join(f'{k}={v}' for k, v in counts.items())}")
     return Built(
         tables=tables,
         protocol="given_split",
         num_users=num_users,
         num_items=num_items,
-        views=_views(data, aux),
+        views=views,
         counts=counts,
     )
 
@@ -366,8 +487,9 @@ def build_taobao_mb(raw: Path, params: TaobaoMbParams) -> Built:
     buys, test = behaviors[TARGET][buy_part == "train"], behaviors[TARGET][buy_part == "test"]
 
     held_out = hold_out_one_per_user(buys.users, params.valid_seed)
-    data = MultiBehavior("taobao_mb", behaviors, buys, held_out, test, num_users, num_items)
-    return _build(data, params)
+    tested = {name: part[at] == "test" for name, at in rows.items()}
+    data = MultiBehavior("taobao_mb", behaviors, buys, held_out, test, num_users, num_items, tested)
+    return _build(data, params, params.objective_valid_seed)
 
 
 # --------------------------------------------------------------------------------------------

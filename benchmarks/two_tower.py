@@ -1,0 +1,104 @@
+"""Multi-objective two-tower retrieval: parameter counts and user-tower latency of each recipe.
+
+For each recipe (the separate-towers, shared-bottom and MMoE baselines, and CSMF, whose model
+is the shared-bottom one trained in cascade), the model is built on real taobao_mb rows and its
+fused query, ``user_vectors(batch)`` (the user tower, all objectives, weighted), is timed on one
+thread over validation users: one user at a time (serving latency, median and p95) and 256 at a
+time (per-user cost in a batch). The item tower is not timed: its vectors are computed once and
+indexed. Untrained weights time the same as trained ones.
+
+    python benchmarks/two_tower.py            # table, and benchmarks/results/two_tower.json
+    python benchmarks/two_tower.py --repeats 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "benchmarks" / "results" / "two_tower.json"
+RECIPES = ("two_tower_separate", "two_tower_shared_bottom", "two_tower_mmoe", "csmf")
+
+
+def measure(recipe: str, repeats: int) -> dict[str, float | int]:
+    import torch
+
+    from rex.config.recipe import load_recipe
+    from rex.engine.build import build_run
+
+    loaded = load_recipe(REPO / "recipes" / f"{recipe}.yaml", ["eval.batch_size=256"])
+    stage = loaded.stages[0].recipe if loaded.stages else loaded.recipe
+    built = build_run(stage, 0, recipe)
+    model = built.module.model.eval()
+    batch = next(iter(built.datamodule.loader("valid")))
+    towers = [tower.user for tower in model.towers]
+    user = sum(p.numel() for t in towers for p in t.parameters())
+    embeddings = sum(tower.embedding.weight.numel() for tower in model.towers)
+    out: dict[str, float | int] = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "user_tower_parameters": user + embeddings,  # its MLPs and the item embeddings it pools
+        "query_dim": int(model.item_vectors().shape[1]),
+    }
+    with torch.no_grad():
+        for size in (1, 256):
+            rows = {name: value[:size] for name, value in batch.items()}
+            model.user_vectors(rows)  # warm-up
+            times = []
+            for i in range(repeats):
+                rows = {name: value[(i * size) % 256 :][:size] for name, value in batch.items()}
+                start = time.perf_counter()
+                model.user_vectors(rows)
+                times.append(time.perf_counter() - start)
+            if size == 1:
+                out["latency_ms_p50"] = statistics.median(times) * 1e3
+                out["latency_ms_p95"] = sorted(times)[int(0.95 * len(times)) - 1] * 1e3
+            else:
+                out["batch256_us_per_user"] = statistics.median(times) / size * 1e6
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=200)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    rows = {recipe: measure(recipe, args.repeats) for recipe in RECIPES}
+    header = (
+        f"{'recipe':<26}{'params':>12}{'user tower':>12}{'D':>5}{'p50 ms':>9}{'p95 ms':>9}{'us/user@256':>13}"
+    )
+    print(header)
+    for recipe, r in rows.items():
+        print(
+            f"{recipe:<26}{r['parameters']:>12,}{r['user_tower_parameters']:>12,}{r['query_dim']:>5}"
+            f"{r['latency_ms_p50']:>9.3f}{r['latency_ms_p95']:>9.3f}{r['batch256_us_per_user']:>13.1f}"
+        )
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(
+        json.dumps(
+            {
+                "date": str(date.today()),
+                "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 1 torch thread",
+                "torch": torch.__version__,
+                "repeats": args.repeats,
+                # Other jobs share the machine: the 1-minute load average when it finished.
+                "load_average": os.getloadavg()[0],
+                "recipes": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Parameter masks: which elements of a model a training stage may change."""

@@ -1,0 +1,234 @@
+"""CSMF (arXiv:2504.12920) over the shared-bottom two-tower model, on real taobao_mb: the selective
+mask by hand, a real cascade whose stages change exactly the elements their masks free (all
+others bit for bit), fusion weights that re-rank at serving time without retraining, and a kill
+in the last stage that resumes to the same final metrics."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rex.components.masks.csmf import CSMFMask
+from rex.config.recipe import load_recipe
+from rex.data.lance_io import read_columns
+from rex.data.mirror import mirror_dir
+from rex.data.prepare import prepare_dataset
+from rex.engine.build import build_run
+from rex.engine.runs import load_checkpoint
+from rex.engine.stages import stage_contexts
+from rex.engine.train import train
+from rex.eval.retrieval import RetrievalEvaluator
+from tests.conftest import REPO, run_rex
+
+pytestmark = pytest.mark.skipif(
+    mirror_dir() is None, reason="no data mirror (../shared/data or REX_DATA_MIRROR)"
+)
+
+RECIPE = REPO / "recipes" / "csmf.yaml"
+# A short cascade on real data: a few batches per stage and one validation batch.
+TINY = [
+    "train.batch_size=256",
+    "train.limit_train_batches=4",
+    "train.limit_eval_batches=1",
+    "eval.batch_size=512",
+    "logging.progress_bar=false",
+    "stages.view.train.max_epochs=1",
+    "stages.cart.train.max_epochs=1",
+    "stages.buy.train.max_epochs=2",
+]
+OBJECTIVES = ["view", "cart", "buy"]
+
+
+class _Tiny(nn.Module):
+    """A shared layer and one head per objective, named as model/two_tower names them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(2, 2, bias=False)
+        self.heads = nn.ModuleDict({name: nn.Linear(2, 1, bias=False) for name in OBJECTIVES})
+
+
+def test_the_selective_mask_by_hand() -> None:
+    model = _Tiny()
+    with torch.no_grad():
+        model.shared.weight.copy_(torch.tensor([[0.1, -0.4], [0.2, 0.3]]))
+    view = CSMFMask(OBJECTIVES, "view", None, share=0.35)
+    view.attach(model)
+    # Heads are their objective's from the start; shared elements the first objective's.
+    assert view.owner.tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 2, 2]
+    assert model.shared.weight.requires_grad and model.heads["view"].weight.requires_grad
+    assert not model.heads["cart"].weight.requires_grad and not model.heads["buy"].weight.requires_grad
+    # CPP: |w| sorted 0.1, 0.2, 0.3, 0.4 (total 1.0); cumulative 0.1, 0.3 stay within 0.35 of it.
+    released = view.release()
+    assert released.tolist() == [1, 0, 1, 0, 0, 0, 1, 1, 2, 2]
+
+    # The next stage builds its model afresh and starts from the same weights.
+    later = _Tiny()
+    later.load_state_dict(model.state_dict())
+    cart = CSMFMask(OBJECTIVES, "cart", released, share=0.35)
+    cart.attach(later)
+    x = torch.randn(8, 2)
+    hidden = later.shared(x)
+    (later.heads["cart"](hidden).sum() + later.heads["view"](hidden).sum()).backward()
+    # Only the freed shared elements and the cart head learn; the view head is frozen whole.
+    grad = later.shared.weight.grad
+    assert grad is not None and (grad.flatten()[[1, 3]] == 0).all() and (grad.flatten()[[0, 2]] != 0).all()
+    assert later.heads["view"].weight.grad is None and later.heads["cart"].weight.grad is not None
+    with pytest.raises(ValueError, match="one entry per parameter element"):
+        CSMFMask(OBJECTIVES, "cart", released[:-1]).attach(_Tiny())
+    buy = CSMFMask(OBJECTIVES, "buy", cart.release())
+    buy.attach(_Tiny())
+    with pytest.raises(ValueError, match="last objective"):
+        buy.release()
+
+
+@pytest.fixture(scope="module")
+def home(data_home: Path) -> Path:
+    """The session's data home, with taobao_mb prepared from the mirror."""
+    prepare_dataset("taobao_mb", root=data_home)
+    return data_home
+
+
+@pytest.fixture(scope="module")
+def cascade(home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One short CSMF run: view, cart and buy stages on real data."""
+    runs = tmp_path_factory.mktemp("runs")
+    return train(RECIPE, [*TINY, f"logging.run_root={runs}"])
+
+
+def _state(run_dir: Path, stage: str, checkpoint: str = "best") -> dict[str, torch.Tensor]:
+    state = load_checkpoint(run_dir / stage / "checkpoints" / f"{checkpoint}.ckpt")["state_dict"]
+    return {name[len("model.") :]: value for name, value in state.items() if name.startswith("model.")}
+
+
+def _owner(run_dir: Path, stage: str) -> torch.Tensor:
+    path = run_dir / stage / "exports" / "csmf_owner.lance"
+    return torch.from_numpy(np.array(read_columns(path, ["value"])["value"]))
+
+
+def _moved(run_dir: Path, stage: str, trainable: list[str]) -> dict[str, torch.Tensor]:
+    """Per trainable parameter, the elements the stage's optimizer ever saw a gradient for: Adam's
+    moments are non-zero exactly there (they start at 0 and a zero gradient keeps them 0)."""
+    states = load_checkpoint(run_dir / stage / "checkpoints" / "last.ckpt")["optimizer_states"][0]["state"]
+    return {
+        name: (states[i]["exp_avg"] != 0) | (states[i]["exp_avg_sq"] != 0) for i, name in enumerate(trainable)
+    }
+
+
+def test_each_stage_changes_exactly_the_elements_its_mask_frees(cascade: Path) -> None:
+    record = json.loads((cascade / "stages.json").read_text())
+    assert list(record["stages"]) == ["view", "cart", "buy"]
+    for earlier, stage, index in (("view", "cart", 1), ("cart", "buy", 2)):
+        # The stage starts from the earlier stage's best weights (init_from) and its ownership.
+        before, owner = _state(cascade, earlier), _owner(cascade, earlier)
+        mask, start = {}, 0
+        for name, value in before.items():
+            mask[name] = owner[start : start + value.numel()].view_as(value) == index
+            start += value.numel()
+        assert start == len(owner)
+        trainable = [name for name in before if mask[name].any()]  # the others are frozen whole
+        moved = _moved(cascade, stage, trainable)
+        for checkpoint in ("best", "last"):
+            after = _state(cascade, stage, checkpoint)
+            for name, value in before.items():
+                changed = after[name] != value
+                # Every element outside the stage's mask is bit for bit what the earlier stage left...
+                assert not (changed & ~mask[name]).any(), f"{stage} changed {name} outside its mask"
+                if checkpoint == "last":
+                    # ...and the elements that changed are exactly those that learnt: every masked
+                    # element with a gradient (a dead ReLU unit's weights get none).
+                    assert torch.equal(changed, moved.get(name, torch.zeros_like(changed))), name
+        assert sum(int(m.sum()) for m in moved.values()) > 0.5 * sum(int(m.sum()) for m in mask.values())
+        # The stage's head is its own whole; the other objectives' heads did not move.
+        after = _state(cascade, stage)
+        for other in OBJECTIVES:
+            head = f"towers.0.user.heads.{other}.weight"
+            assert torch.equal(after[head], before[head]) == (other != OBJECTIVES[index])
+    # The mask frees a share of the shared elements, cascading: buy's share comes out of cart's.
+    view_owner, cart_owner = _owner(cascade, "view"), _owner(cascade, "cart")
+    assert int((view_owner == 1).sum()) > 0 and int((view_owner == 0).sum()) > 0
+    # CPP: what each shared tensor frees holds at most `share` (0.3) of its |w|, and the next
+    # smallest element would pass it.
+    view, name = _state(cascade, "view"), "towers.0.user.bottom.net.0.weight"
+    offset = sum(value.numel() for value in list(view.values())[: list(view).index(name)])
+    weight = view[name].flatten().abs()
+    freed = view_owner[offset : offset + len(weight)] == 1
+    assert (
+        float(weight[freed].sum())
+        <= 0.3 * float(weight.sum())
+        < float(weight[freed].sum() + weight[~freed].min())
+    )
+    assert ((cart_owner == 2) <= ((view_owner == 1) | (view_owner == 2))).all()
+
+
+def test_fusion_weights_rerank_at_serving_without_retraining(cascade: Path) -> None:
+    loaded = load_recipe(cascade / "recipe.yaml")
+    last = loaded.stages[-1]
+    built = build_run(last.recipe, last.recipe.seeds[0], "test", stage_contexts(loaded, cascade)["buy"])
+    state = load_checkpoint(cascade / "buy" / "checkpoints" / "best.ckpt")["state_dict"]
+    built.module.load_state_dict(state)
+    model = built.module.model.eval()
+    batch = next(iter(built.datamodule.loader("test")))
+    roles = built.datamodule.context()["roles"]
+    results = []
+    for fusion in ({"view": 1.0}, {"buy": 1.0}, {"view": 0.2, "cart": 0.3, "buy": 0.5}):
+        evaluator = RetrievalEvaluator(["recall@50", "ndcg@50"], roles, fusion=fusion)
+        with torch.no_grad():
+            evaluator.update(model, batch)
+            top = torch.topk(model.user_vectors(batch, fusion) @ model.item_vectors().T, 50).indices
+        results.append((evaluator.compute(), top))
+    # The weights change which items are retrieved, and the fused metrics with them...
+    assert not torch.equal(results[0][1], results[1][1]) and not torch.equal(results[1][1], results[2][1])
+    assert results[0][0]["ndcg@50:fused_view"] != results[2][0]["ndcg@50:fused_view"]
+    # ...from the same trained weights: each objective's own ranking is unchanged.
+    for name in ("ndcg@50:view", "ndcg@50:cart", "ndcg@50:buy"):
+        assert results[0][0][name] == results[1][0][name] == results[2][0][name]
+    assert all(torch.equal(value, state[name]) for name, value in built.module.state_dict().items())
+
+
+def test_a_kill_in_the_last_stage_resumes_to_the_same_final_metrics(cascade: Path, tmp_path: Path) -> None:
+    slow = ["stages.buy.train.checkpoint_every_n_steps=1", "stages.buy.train.max_epochs=3"]
+    whole = train(RECIPE, [*TINY, *slow, f"logging.run_root={tmp_path / 'whole'}"])
+    expected = json.loads((whole / "metrics.json").read_text())["test"]
+
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rex.cli",
+            "train",
+            str(RECIPE),
+            *TINY,
+            *slow,
+            f"logging.run_root={tmp_path / 'killed'}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+    )
+    deadline = time.time() + 500
+    found: list[Path] = []
+    while time.time() < deadline and not found and child.poll() is None:
+        found = list((tmp_path / "killed").glob("csmf/*/buy/checkpoints/last.ckpt"))
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert found, "the run should have reached its last stage"
+    run_dir = found[0].parents[2]
+    assert not (run_dir / "metrics.json").exists()
+    assert list(json.loads((run_dir / "stages.json").read_text())["stages"]) == ["view", "cart"]
+
+    resumed = run_rex("train", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = json.loads((run_dir / "metrics.json").read_text())["test"]
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert set(got) >= {"recall@50:buy", "recall@200:cart", "ndcg@50:view"}
