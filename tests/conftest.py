@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,12 +35,16 @@ def data_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ["REX_DATA_HOME"] = previous
 
 
+def _child_env(env: dict[str, str] | None) -> dict[str, str]:
+    inherited = {k: v for k, v in os.environ.items() if k != "REX_DEBUG"}
+    return {**inherited, "WANDB_MODE": "disabled", **(env or {})}
+
+
 def run_rex(
     *args: str, env: dict[str, str] | None = None, cwd: Path = REPO
 ) -> subprocess.CompletedProcess[str]:
     """The real command line, in a child process, as a user would run it."""
-    inherited = {k: v for k, v in os.environ.items() if k != "REX_DEBUG"}
-    full_env = {**inherited, "WANDB_MODE": "disabled", **(env or {})}
+    full_env = _child_env(env)
     return subprocess.run(
         [sys.executable, "-m", "rex.cli", *args],
         capture_output=True,
@@ -47,3 +53,26 @@ def run_rex(
         cwd=cwd,
         timeout=600,
     )
+
+
+def kill_rex_when(
+    *args: str, root: Path, pattern: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> Path | None:
+    """``rex ARGS`` in a child process, killed with SIGKILL (as a preemption would) as soon as a
+    file matching ``pattern`` exists under ``root``: that file, or None when the run ended or
+    ``timeout`` seconds passed first. For kill-and-resume tests."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "rex.cli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+        env=_child_env(env),
+    )
+    deadline = time.time() + timeout
+    found: list[Path] = []
+    while time.time() < deadline and not found and child.poll() is None:
+        found = list(root.glob(pattern))
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    return found[0] if found else None

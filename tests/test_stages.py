@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +15,7 @@ from rex.engine.runs import load_checkpoint
 from rex.engine.stages import copy_modules
 from rex.engine.train import evaluate, train
 from rex.engine.validate import validate_recipe
-from tests.conftest import REPO, run_rex
+from tests.conftest import REPO, kill_rex_when, run_rex
 
 STAGED = f"""
 extends: {REPO}/recipes/base/next_item.yaml
@@ -124,29 +120,16 @@ def test_killed_second_stage_resumes_to_the_uninterrupted_metrics(staged, data_h
     whole = train(staged, [*slow, f"logging.run_root={tmp_path / 'whole'}"])
     expected = json.loads((whole / "metrics.json").read_text())["test"]
 
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rex.cli",
-            "train",
-            str(staged),
-            *slow,
-            f"logging.run_root={tmp_path / 'killed'}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=REPO,
+    found = kill_rex_when(
+        "train",
+        str(staged),
+        *slow,
+        f"logging.run_root={tmp_path / 'killed'}",
+        root=tmp_path / "killed",
+        pattern="staged/*/finetune/checkpoints/last.ckpt",
     )
-    deadline = time.time() + 300
-    found: list[Path] = []
-    while time.time() < deadline and not found and child.poll() is None:
-        found = list((tmp_path / "killed").glob("staged/*/finetune/checkpoints/last.ckpt"))
-        time.sleep(0.05)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert found, "the run should have reached its second stage"
-    run_dir = found[0].parents[2]
+    assert found is not None, "the run should have reached its second stage"
+    run_dir = found.parents[2]
     assert not (run_dir / "metrics.json").exists()
     record = json.loads((run_dir / "stages.json").read_text())
     assert list(record["stages"]) == ["pretrain"]

@@ -55,3 +55,37 @@ class ItemAttributeEmbedding(nn.Module):
         ids = self.ids(items)
         count = (ids > 0).sum(dim=-1, keepdim=True).clamp(min=1)
         return self.embedding(ids).sum(dim=-2) / count
+
+
+@register("embedding/item_codes")
+class ItemCodeEmbedding(ItemAttributeEmbedding):
+    """An earlier stage's semantic IDs as sparse item features: items (*) -> (*, columns * dim).
+
+    ``item_codes`` (num_items, C) long is a tokenizer's export (``model/rqvae``, ``model/mmq``:
+    row 0 padding, -1); ``columns`` keeps its first columns (default all; a tokenizer's last
+    column only separates items that share the others). Each kept column is a field of its own
+    ids, embedded ``dim`` wide, and an item's embeddings are concatenated in column order; the
+    padding item's are zero. ``out_dim`` is the output width. The ids are read from the export,
+    so the table is not part of a checkpoint.
+    """
+
+    def __init__(self, item_codes: Tensor, dim: int, columns: int | None = None) -> None:
+        if item_codes.dim() != 2 or len(item_codes) < 2 or item_codes.is_floating_point():
+            raise ValueError(
+                f"item_codes must be an integer (num_items, C) table, got {tuple(item_codes.shape)}"
+            )
+        if columns is not None and not 1 <= columns <= item_codes.shape[1]:
+            raise ValueError(f"columns must lie in [1, {item_codes.shape[1]}], got {columns}")
+        codes = item_codes.long()[:, :columns]
+        if bool((codes[1:] < 0).any()):
+            raise ValueError("item_codes rows 1.. must be non-negative codes (row 0 alone is padding)")
+        # Column c's code k is attribute id 1 + offset_c + k: one id space, 0 left for padding.
+        sizes = codes[1:].max(dim=0).values + 1
+        offsets = 1 + torch.cumsum(sizes, 0) - sizes
+        ids = codes + offsets
+        ids[0] = 0
+        super().__init__(ids, int(offsets[-1] + sizes[-1]), dim)
+        self.out_dim = ids.shape[1] * dim
+
+    def forward(self, items: Tensor) -> Tensor:
+        return super().forward(items).flatten(-2)

@@ -14,7 +14,7 @@ class CTRInputs(nn.Module):
 
     The shared front of ``model/ctr`` and ``model/multi_scenario`` (see model/ctr for the
     arguments). ``inputs(batch) -> (x (B, width), embedded (B, F, dim), extra)``: ``x`` is the
-    flattened field embeddings, the target's modality vectors and the pooled interest;
+    flattened field embeddings, the target's modality vectors and codes, and the pooled interest;
     ``extra`` holds the interest module's loss terms. ``width`` and ``outputs`` are set here.
     """
 
@@ -28,6 +28,7 @@ class CTRInputs(nn.Module):
         use_fields: list[str] | None = None,
         modalities: list[str] | None = None,
         modality: Factory[nn.Module] | None = None,
+        codes: Factory[nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.history_key = history_key
@@ -36,8 +37,8 @@ class CTRInputs(nn.Module):
             if unknown:
                 raise ValueError(f"use_fields {unknown} are not in the dataset's fields {sorted(fields)}")
             fields = {name: fields[name] for name in use_fields}
-        if (interest is not None or modalities) and "item" not in fields:
-            raise ValueError("interest (target attention) and modalities need the 'item' field")
+        if (interest is not None or modalities or codes is not None) and "item" not in fields:
+            raise ValueError("interest (target attention), modalities and codes need the 'item' field")
         if bool(modalities) != (modality is not None):
             raise ValueError("modality (an encoder/modality_table node) and modalities go together")
         self.used_fields = fields
@@ -47,7 +48,10 @@ class CTRInputs(nn.Module):
         self.modality_tables = nn.ModuleList(
             modality(modality=name) for name in (modalities or []) if modality is not None
         )
+        # An item's semantic IDs (an earlier stage's export) join its modality vectors.
+        self.codes = codes() if codes is not None else None
         extra = sum(table.dim for table in self.modality_tables)
+        extra += self.codes.out_dim if self.codes is not None else 0
         self.interest = interest(dim=dim + extra) if interest is not None else None
         if search is not None and interest is None:
             raise ValueError("search narrows what the interest module attends to: set interest too")
@@ -56,15 +60,17 @@ class CTRInputs(nn.Module):
         self.width = len(fields) * dim + extra + (dim + extra if self.interest is not None else 0)
 
     def _with_modalities(self, ids: Tensor, embedded: Tensor) -> Tensor:
-        """Item id embeddings (..., dim) with each modality's projected vectors appended."""
-        if not self.modality_tables:
+        """Item id embeddings (..., dim) with each modality's projected vectors, then the
+        embedded codes, appended."""
+        tables = [*self.modality_tables, *([self.codes] if self.codes is not None else [])]
+        if not tables:
             return embedded
-        return torch.cat([embedded, *(table(ids) for table in self.modality_tables)], dim=-1)
+        return torch.cat([embedded, *(table(ids) for table in tables)], dim=-1)
 
     def inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         embedded = self.embed(batch)
         target = embedded[:, self.item_slot] if self.item_slot >= 0 else embedded[:, 0]
-        if self.modality_tables:
+        if self.modality_tables or self.codes is not None:
             target = self._with_modalities(batch["item"], target)
         parts = [embedded.flatten(1), target[:, embedded.shape[-1] :]]
         extra: dict[str, Tensor] = {}
@@ -99,7 +105,9 @@ class CTRModel(CTRInputs):
     With ``modality`` (an ``encoder/modality_table`` node, built once per name in
     ``modalities``), every item (the target and each history item) is its id embedding
     concatenated with its projected modality vectors, so target attention compares items by
-    content as well as by id (din_mm).
+    content as well as by id (din_mm). With ``codes`` (an ``embedding/item_codes`` node over
+    an earlier stage's ``item_codes`` export), every item's semantic IDs are appended the same
+    way, as sparse item features (MMQ's discriminative use, recipes/mmq_din.yaml).
     """
 
     def __init__(
@@ -115,8 +123,11 @@ class CTRModel(CTRInputs):
         modalities: list[str] | None = None,
         history_key: str = "history",
         search: Factory[nn.Module] | None = None,
+        codes: Factory[nn.Module] | None = None,
     ) -> None:
-        super().__init__(fields, embed, interest, search, history_key, use_fields, modalities, modality)
+        super().__init__(
+            fields, embed, interest, search, history_key, use_fields, modalities, modality, codes
+        )
         fields = self.used_fields
         dim = self.embed.dim
         self.tower = tower(in_dim=self.width)

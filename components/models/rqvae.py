@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from rex.components.encoders.mlp import MLP, Activation
-from rex.components.quantizers.codes import codebook_usage, collision_ranks, collision_rate
+from rex.components.quantizers.codes import codebook_usage, collision_rate, semantic_ids
 from rex.config.registry import Factory, register
 
 
@@ -84,10 +84,7 @@ class RQVAE(nn.Module):
         """(num_items, L + 1) long semantic IDs: row 0 (padding) is -1; an item's row is its L
         codes and a last code, 0 for the first item (by id) of each code tuple and 1, 2, ... for
         the items that collide with it, so that every item's row is unique."""
-        codes = self.raw_codes()
-        rows = torch.cat([codes, collision_ranks(codes)[:, None]], 1)
-        padding = rows.new_full((1, rows.shape[1]), -1)
-        return torch.cat([padding, rows])
+        return semantic_ids(self.raw_codes())
 
     def code_stats(self) -> dict[str, Tensor | float]:
         """``usage`` (L,): the share of each level's codes that the items use; ``collision_rate``:

@@ -23,6 +23,14 @@ def collision_ranks(codes: Tensor) -> Tensor:
     return ranks
 
 
+def semantic_ids(codes: Tensor) -> Tensor:
+    """(N, L) codes of items 1 .. N → (N + 1, L + 1) long semantic IDs as a tokenizer exports
+    them: row 0 (padding) is -1; row i is item i's L codes and its :func:`collision_ranks`, so
+    every item's row is unique (TIGER's extra code)."""
+    rows = torch.cat([codes.long(), collision_ranks(codes)[:, None]], 1)
+    return torch.cat([rows.new_full((1, rows.shape[1]), -1), rows])
+
+
 def collision_rate(codes: Tensor) -> float:
     """Share of the (N, L) rows whose code tuple some other row also holds."""
     if len(codes) == 0:

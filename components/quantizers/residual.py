@@ -68,6 +68,24 @@ class ResidualQuantizer(nn.Module):
         levels = torch.arange(self.levels, device=codes.device)
         return self.codebooks[levels, codes].sum(-2)
 
+    def soft(self, x: Tensor, temperature: float) -> Tensor:
+        """(B, dim) → (B, dim) differentiable soft indexing: each level takes the softmax-weighted
+        mean of its codes, weights ``softmax(-|r_l - e_k|^2 / temperature)``, and the next level
+        sees what that leaves of the residual. Gradients reach ``x`` and every code, so a
+        downstream loss can move which codes an item picks (MMQ's behaviour-aware fine-tuning);
+        as ``temperature`` → 0 it tends to the hard quantization of :meth:`forward`. No state
+        changes (no initialisation, no usage counts)."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        residual = x
+        out = torch.zeros_like(x)
+        for book in self.codebooks:
+            weights = torch.softmax(-torch.cdist(residual, book).square() / temperature, dim=-1)
+            chosen = weights @ book
+            out = out + chosen
+            residual = residual - chosen
+        return out
+
     def usage_share(self) -> Tensor:
         """(levels,) share of each level's codes picked at least once since they were last (re)set."""
         return (self.usage > 0).float().mean(1)

@@ -72,6 +72,7 @@ MODULES = (
     "rex.components.models.heterrec",
     "rex.components.models.multi_scenario",
     "rex.components.models.m3bsr",
+    "rex.components.models.mmq",
     "rex.components.models.rqvae",
     "rex.components.models.sequential",
     "rex.components.models.tiger",
