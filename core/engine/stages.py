@@ -139,8 +139,8 @@ def read_record(run_dir: Path) -> dict[str, Any]:
 
 
 def stage_key(stage: LoadedStage, seed: int, upstream: list[str]) -> str:
-    """What a stage's result depends on: its settings (logging aside), the seed, the data and
-    the stages before it."""
+    """What a stage's result depends on: its settings (logging aside) and what it is initialised
+    from, the seed, the data and the stages before it."""
     settings = {k: v for k, v in stage.resolved.items() if k != "logging"}
     content = {
         "stage": stage.name,
@@ -149,6 +149,10 @@ def stage_key(stage: LoadedStage, seed: int, upstream: list[str]) -> str:
         "data": data_hash(ensure_dataset(stage.recipe.data.name)),
         "upstream": upstream,
     }
+    if stage.config.init_from is not None:
+        # Where a stage starts from is a setting too (stage.resolved leaves it out): otherwise a
+        # from-scratch ablation, init_from=null, would take over the initialised stage's result.
+        content["init_from"] = stage.config.init_from.model_dump(mode="json")
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
