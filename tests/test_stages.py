@@ -12,7 +12,7 @@ from rex.config.errors import RecipeError, RexError
 from rex.config.recipe import load_recipe
 from rex.engine.build import build_run
 from rex.engine.runs import load_checkpoint
-from rex.engine.stages import copy_modules
+from rex.engine.stages import copy_modules, stage_key
 from rex.engine.train import evaluate, train
 from rex.engine.validate import validate_recipe
 from tests.conftest import REPO, kill_rex_when, run_rex
@@ -159,6 +159,16 @@ def test_reuse_stages_takes_over_only_unchanged_stages(staged, data_home, tmp_pa
     assert all(
         s["status"] == "trained" for s in json.loads((changed / "stages.json").read_text())["stages"].values()
     )
+
+
+def test_a_stage_key_covers_its_exports(staged, data_home):
+    # A later stage reads what an earlier one exports: dropping the export (an ablation that
+    # leaves the next stage on its own) must not take over the exporting stage's result.
+    with_export = load_recipe(staged).stages[0]
+    without = load_recipe(staged, ["stages.pretrain.export={}"]).stages[0]
+    assert with_export.config.export and not without.config.export
+    assert stage_key(with_export, 42, []) != stage_key(without, 42, [])
+    assert stage_key(with_export, 42, []) == stage_key(load_recipe(staged).stages[0], 42, [])
 
 
 def test_staged_recipe_validates_shows_and_reports_stage_errors(staged, data_home, tmp_path):

@@ -153,6 +153,10 @@ def stage_key(stage: LoadedStage, seed: int, upstream: list[str]) -> str:
         # Where a stage starts from is a setting too (stage.resolved leaves it out): otherwise a
         # from-scratch ablation, init_from=null, would take over the initialised stage's result.
         content["init_from"] = stage.config.init_from.model_dump(mode="json")
+    if stage.config.export:
+        # So are its exports: a later stage reads them, and stage.resolved leaves them out too
+        # (an ablation with export={} must not take over a run whose stage exported codes).
+        content["export"] = stage.config.export
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
