@@ -94,6 +94,15 @@ ENTRIES = [
     ),
     Entry("scientific_mm", "M3BSR (modalities)", "paper", "m3bsr_scientific.yaml"),
     Entry("scientific_mm", "M3BSR − denoiser", "ablation", "m3bsr_scientific.yaml", ("model.denoiser=null",)),
+    # MMQ's semantic IDs as extra sparse features of DIN (the ranker stage reads them).
+    Entry("scientific_mm", "DIN + MMQ codes", "paper", "mmq_din.yaml"),
+    Entry(
+        "scientific_mm",
+        "DIN + MMQ codes − behaviour-aware fine-tuning (stage 1 only)",
+        "ablation",
+        "mmq_din.yaml",
+        ("stages.finetune.export={}",),
+    ),
     # MovieLens-100K: DIN gets the same user and item fields as DMGIN; din_mm adds MiniLM titles.
     Entry("ml-100k", "DIN", "baseline", "din.yaml", ("data.name=ml-100k", ML100K_FIELDS)),
     Entry(
@@ -226,6 +235,30 @@ ENTRIES = [
         metrics=RANKING,
     ),
     Entry("scientific", "TIGER", "paper", "tiger.yaml", metrics=RANKING),
+    # MMQ's semantic IDs against RQ-VAE's in the same TIGER recommender, on scientific_mm (text and
+    # image vectors).
+    *(
+        Entry(
+            "scientific_mm-tiger",
+            label,
+            role,
+            recipe,
+            overrides,
+            metrics=RANKING,
+            title="scientific_mm, MMQ in TIGER",
+        )
+        for label, role, recipe, overrides in [
+            ("TIGER (RQ-VAE IDs over text)", "baseline", "tiger.yaml", ("data.name=scientific_mm",)),
+            ("TIGER (MMQ IDs)", "paper", "mmq.yaml", ()),
+            ("MMQ − orthogonal loss", "ablation", "mmq.yaml", ("stages.tokenizer.losses.3.weight=0",)),
+            (
+                "MMQ − behaviour-aware fine-tuning (stage 1 only)",
+                "ablation",
+                "mmq.yaml",
+                ("stages.finetune.export={}",),
+            ),
+        ]
+    ),
     # Beauty has no item text: TIGER's codes come from a SASRec stage's item embeddings, and
     # that stage is recipes/sasrec.yaml with histories of 20, tested on the same split.
     Entry(
@@ -331,7 +364,9 @@ NOTES = {
     "scientific_mm": (
         "Amazon Scientific (DecoRec), CTR: each next item plus one sampled negative, the history is "
         "the user's earlier items (up to 50, every row). M3BSR here is its modality-denoising half only (text and image histories denoised "
-        "given the ID history); its behaviour half is the taobao_mb row."
+        "given the ID history); its behaviour half is the taobao_mb row. DIN + MMQ codes is DIN at "
+        "din.yaml's sizes where every item (target and history) also has one embedding per MMQ "
+        "semantic-ID level, the IDs from recipes/mmq_din.yaml's tokenizer stages."
     ),
     "taobao_mb": (
         "Taobao view/cart/buy, CTR with buy as the label, every split a buy against an item the user "
@@ -403,6 +438,13 @@ NOTES = {
         "over MiniLM vectors of each item's title, categories and brand. Test re-run with the "
         "whole-history mask (`rex eval RUN --record`); the checkpoints were selected under the "
         "earlier window-only mask."
+    ),
+    "scientific_mm, MMQ in TIGER": (
+        "Leave-one-out on scientific_mm's sequences, histories of up to 20, the whole history "
+        "excluded, TIGER's recommender stage unchanged (2+2 layers, 64 wide, beam 20): only the "
+        "semantic IDs differ. RQ-VAE's come from the item-text vectors alone (recipes/tiger.yaml); "
+        "MMQ's from the text and image vectors through shared and modality-specific experts, "
+        "then fine-tuned on next-item co-occurrence (recipes/mmq.yaml). None was tuned."
     ),
     "beauty, generative retrieval": (
         "Leave-one-out on Amazon Beauty, 5-core (22,363 users, 12,101 items), histories of up to 20 "
