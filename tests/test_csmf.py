@@ -1,6 +1,7 @@
 """CSMF (arXiv:2504.12920) over the shared-bottom two-tower model, on real taobao_mb: the selective
-mask by hand, a real cascade whose stages change exactly the elements their masks free (all
-others bit for bit), fusion weights that re-rank at serving time without retraining, and a kill
+mask and the per-objective forward masks by hand, a real cascade whose stages change exactly the
+elements their masks free (all others bit for bit) and leave the earlier objectives' queries and
+scores bit for bit, fusion weights that re-rank at serving time without retraining, and a kill
 in the last stage that resumes to the same final metrics."""
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def test_the_selective_mask_by_hand() -> None:
     with torch.no_grad():
         model.shared.weight.copy_(torch.tensor([[0.1, -0.4], [0.2, 0.3]]))
     view = CSMFMask(OBJECTIVES, "view", None, share=0.35)
-    view.attach(model)
+    view.attach(model, split="shared")
     # Heads are their objective's from the start; shared elements the first objective's.
     assert view.owner.tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 2, 2]
     assert model.shared.weight.requires_grad and model.heads["view"].weight.requires_grad
@@ -70,12 +71,18 @@ def test_the_selective_mask_by_hand() -> None:
     # CPP: |w| sorted 0.1, 0.2, 0.3, 0.4 (total 1.0); cumulative 0.1, 0.3 stay within 0.35 of it.
     released = view.release()
     assert released.tolist() == [1, 0, 1, 0, 0, 0, 1, 1, 2, 2]
+    # Nothing is released yet, so every objective reads the whole shared layer.
+    assert all(view.visible(k) == {} for k in range(3))
 
     # The next stage builds its model afresh and starts from the same weights.
     later = _Tiny()
     later.load_state_dict(model.state_dict())
     cart = CSMFMask(OBJECTIVES, "cart", released, share=0.35)
-    cart.attach(later)
+    cart.attach(later, split="shared")
+    # View reads only its own elements (the freed ones are zero to it), cart and buy all of them.
+    weight = later.shared.weight.detach()
+    assert torch.equal(cart.visible(0)["weight"], torch.tensor([[0.0, -0.4], [0.0, 0.3]]))
+    assert cart.visible(1) == {} and cart.visible(2) == {} and torch.equal(weight, model.shared.weight)
     x = torch.randn(8, 2)
     hidden = later.shared(x)
     (later.heads["cart"](hidden).sum() + later.heads["view"](hidden).sum()).backward()
@@ -84,9 +91,11 @@ def test_the_selective_mask_by_hand() -> None:
     assert grad is not None and (grad.flatten()[[1, 3]] == 0).all() and (grad.flatten()[[0, 2]] != 0).all()
     assert later.heads["view"].weight.grad is None and later.heads["cart"].weight.grad is not None
     with pytest.raises(ValueError, match="one entry per parameter element"):
-        CSMFMask(OBJECTIVES, "cart", released[:-1]).attach(_Tiny())
+        CSMFMask(OBJECTIVES, "cart", released[:-1]).attach(_Tiny(), split="shared")
+    with pytest.raises(ValueError, match="no parameters under 'bottom'"):
+        CSMFMask(OBJECTIVES, "view", None).attach(_Tiny(), split="bottom")
     buy = CSMFMask(OBJECTIVES, "buy", cart.release())
-    buy.attach(_Tiny())
+    buy.attach(_Tiny(), split="shared")
     with pytest.raises(ValueError, match="last objective"):
         buy.release()
 
@@ -168,6 +177,47 @@ def test_each_stage_changes_exactly_the_elements_its_mask_frees(cascade: Path) -
         < float(weight[freed].sum() + weight[~freed].min())
     )
     assert ((cart_owner == 2) <= ((view_owner == 1) | (view_owner == 2))).all()
+
+
+def _built(run_dir: Path, stage: str, weights: str):  # type: ignore[no-untyped-def]
+    """Stage ``stage``'s model (its mask given that stage's ownership) with stage ``weights``'
+    best weights, in evaluation mode, and its build."""
+    loaded = load_recipe(run_dir / "recipe.yaml")
+    recipe = next(entry for entry in loaded.stages if entry.name == stage).recipe
+    built = build_run(recipe, recipe.seeds[0], "test", stage_contexts(loaded, run_dir)[stage])
+    built.module.load_state_dict(
+        load_checkpoint(run_dir / weights / "checkpoints" / "best.ckpt")["state_dict"]
+    )
+    return built.module.model.eval(), built
+
+
+def test_later_stages_leave_the_earlier_objectives_bit_for_bit(cascade: Path) -> None:
+    # An objective's function is fixed once its stage ends and releases its freed elements: the
+    # next stage's model holding the stage's own weights (what init_from starts it from).
+    final, built = _built(cascade, "buy", "buy")
+    trained = {"cart": _built(cascade, "cart", "cart")[0], "buy": final}
+    batch = next(iter(built.datamodule.loader("test")))
+    own_queries = {}
+    with torch.no_grad():
+        items = final.item_vectors()
+        scores = final.objective_vectors(batch) @ items.T
+        for k, (own, following) in enumerate((("view", "cart"), ("cart", "buy"))):
+            released = _built(cascade, following, own)[0]
+            queries = released.objective_vectors(batch)
+            own_queries[own] = queries[:, k]
+            assert torch.equal(released.item_vectors(), items)  # the item side is the first's
+            # Every later stage trained elements that this objective's forward reads as zero...
+            for stage in OBJECTIVES[k + 1 :]:
+                assert torch.equal(trained[stage].objective_vectors(batch)[:, k], queries[:, k]), own
+            # ...so its scores in the final model are those of its own stage, bit for bit.
+            assert torch.equal(scores[:, k], queries[:, k] @ items.T), own
+        # The release is the one change an earlier objective sees: its freed elements read as
+        # zero (pruning; the paper's accuracy-recovery step is not run), so its queries move then.
+        unreleased = _built(cascade, "view", "view")[0]
+        assert not torch.equal(unreleased.objective_vectors(batch)[:, 0], own_queries["view"])
+        # The last objective reads every element: its query is a plain run of the heads.
+        plain = final.towers[0].user_vectors([batch[name] for name in final.lists])
+        assert torch.equal(scores[:, 2], plain[:, 2] @ items.T)
 
 
 def test_fusion_weights_rerank_at_serving_without_retraining(cascade: Path) -> None:

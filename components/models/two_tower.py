@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from rex.config.registry import Factory, register
 
@@ -37,12 +38,16 @@ class _Towers(nn.Module):
             raise ValueError(f"item must end at dim={dim} (its last hidden width), got {self.item.out_dim}")
 
     def user_vectors(self, lists: list[Tensor]) -> Tensor:
+        return self.user(self.pool(lists))  # (B, K, dim)
+
+    def pool(self, lists: list[Tensor]) -> Tensor:
+        """(B, lists * dim): the lists' mean embeddings side by side, the user heads' input."""
         # One fused gather-and-mean per list (the padding id 0 is left out of each mean, an empty
         # list pools to zeros): no (B, L, dim) tensor is materialised, which on CPU was a third
         # of a training step.
         weight = self.embedding.weight
         pooled = [F.embedding_bag(ids, weight, mode="mean", padding_idx=0) for ids in lists]
-        return self.user(torch.cat(pooled, dim=-1))  # (B, K, dim)
+        return torch.cat(pooled, dim=-1)
 
     def item_vectors(self, items: Tensor | None = None) -> Tensor:
         """The vectors of ``items`` (any shape), or (num_items, dim) of every item."""
@@ -69,8 +74,14 @@ class TwoTower(nn.Module):
     ``item``s: a full softmax. With ``negatives: R`` they are (B, 1 + R): the row's item, then R
     items drawn uniformly once per batch and shared by its rows (one equal to the row's item is
     masked), with ``labels`` 0: a sampled softmax, whose uniform proposal needs no correction.
-    Otherwise returns ``scores`` (B, K, num_items). ``mask`` (a ``mask/csmf`` node) restricts training to
-    the elements a cascade stage's objective owns.
+    Otherwise returns ``scores`` (B, K, num_items).
+
+    ``mask`` (a ``mask/csmf`` node; not with ``separate``) splits the user heads' parameter
+    elements between the objectives of a cascade: a stage trains only its objective's elements,
+    and objective k's query is the heads' output with every element owned by a later objective
+    zeroed (the heads run once per objective whose weights differ), so training a later objective
+    never changes an earlier one's queries. The item side (embeddings, item tower) stays the first
+    objective's, read by all through one table of item vectors.
 
     The retrieval protocol (``rex.eval.retrieval``; a vector index over ``item_vectors()``):
     ``item_vectors() -> (num_items, D)``, ``objective_vectors(batch) -> (B, K, D)`` and
@@ -110,9 +121,11 @@ class TwoTower(nn.Module):
         self.towers = nn.ModuleList(
             _Towers(num_items, dim, len(self.lists), group, user, item) for group in groups
         )
+        if mask is not None and separate:
+            raise ValueError("mask (CSMF) splits one shared user tower: it cannot go with separate: true")
         self.mask = mask(objectives=self.objectives) if mask is not None else None
         if self.mask is not None:
-            self.mask.attach(self)  # type: ignore[operator]
+            self.mask.attach(self, split="towers.0.user")  # type: ignore[operator]
 
     def item_vectors(self, items: Tensor | None = None) -> Tensor:
         """(num_items, D) (row 0 is padding), or the (..., D) vectors of ``items``; D = dim, or
@@ -122,6 +135,15 @@ class TwoTower(nn.Module):
     def objective_vectors(self, batch: dict[str, Tensor]) -> Tensor:
         """(B, K, D): objective k's query of each row."""
         lists = [batch[name] for name in self.lists]
+        if self.mask is not None:
+            pooled, plain = self.towers[0].pool(lists), None
+            queries = []
+            for k in range(len(self.objectives)):
+                weights = self.mask.visible(k)  # type: ignore[operator]
+                if not weights and plain is None:
+                    plain = self.towers[0].user(pooled)  # one run for every objective reading all
+                queries.append(self._masked_queries(pooled, k, weights, plain))
+            return torch.stack(queries, dim=1)
         parts = [tower.user_vectors(lists) for tower in self.towers]
         if len(parts) == 1:
             return parts[0]
@@ -145,6 +167,18 @@ class TwoTower(nn.Module):
         """(B, D): each training row's query of its own objective (``objective`` 1..K). Separate
         towers read only their objective's rows, so a step costs about what one tower's does."""
         lists, objective = [batch[name] for name in self.lists], batch["objective"] - 1
+        if self.mask is not None:
+            # Each objective's query on its own rows only (a cascade stage's batch is all its
+            # objective's: the earlier objectives' masked runs are on no rows).
+            pooled, parts = self.towers[0].pool(lists), []
+            for k in range(len(self.objectives)):
+                rows = (objective == k).nonzero().squeeze(1)
+                weights = self.mask.visible(k)  # type: ignore[operator]
+                parts.append((rows, self._masked_queries(pooled.index_select(0, rows), k, weights)))
+            out = parts[0][1].new_zeros(len(objective), self.dim)  # the heads' dtype (autocast)
+            for rows, own in parts:
+                out = out.index_put((rows,), own)
+            return out
         if len(self.towers) == 1:
             queries = self.towers[0].user_vectors(lists)
             return queries[torch.arange(len(objective), device=objective.device), objective]
@@ -157,6 +191,18 @@ class TwoTower(nn.Module):
             columns = torch.arange(k * self.dim, (k + 1) * self.dim, device=out.device)
             out = out.index_put((rows[:, None], columns), own)
         return out
+
+    def _masked_queries(
+        self, pooled: Tensor, k: int, weights: dict[str, Tensor], plain: Tensor | None = None
+    ) -> Tensor:
+        """(B, dim): objective k's query under the CSMF mask: the user heads run with k's
+        ``weights`` (``mask.visible(k)``: elements of later objectives zeroed), or plainly (their
+        output ``plain`` if given) when k reads every element it reaches, as the stage's own
+        objective does while it trains."""
+        user = self.towers[0].user
+        if weights:
+            return functional_call(user, weights, (pooled,))[:, k]
+        return (plain if plain is not None else user(pooled))[:, k]
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         if "objective" not in batch:
