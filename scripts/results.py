@@ -402,7 +402,7 @@ NOTES = {
         "then tested once with and once without. The paper's metrics are @3. USD does not help "
         "here: on SASRec the best grid point gains 0.0001-0.0017 validation NDCG@10 and nothing "
         "on test (means within 0.0001 at every metric); on TIGER every grid point is below plain "
-        "decoding on validation (-0.005 at best) and costs 0.0024 test NDCG@10. Sports is not "
+        "decoding on validation (by 0.004-0.006) and it costs 0.0024 test NDCG@10. Sports is not "
         "run yet: no SASRec or TIGER run on it exists. "
         "`python scripts/results.py --usd` evaluates the finished seeds that lack a result."
     ),
