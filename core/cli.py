@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -101,12 +102,19 @@ def evaluate(
     output: Annotated[
         Path | None, typer.Option(help="also write the metrics, unrounded, to this JSON file")
     ] = None,
+    index: Annotated[
+        Path | None,
+        typer.Option(
+            help="rank from this vector index of the model's items (rex export-index) instead of exactly",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Test metrics of a finished run's best checkpoint (metrics.json is untouched unless --record)."""
     from rex.engine.runs import atomic_write_json
     from rex.engine.train import evaluate as run_eval
 
-    results = run_eval(target, record, devices)
+    results = run_eval(target, record, devices, index)
     if results is None:  # another process of a data-parallel evaluation: the main one reports
         return
     if output is not None:
@@ -117,6 +125,60 @@ def evaluate(
     for name, value in results.items():
         table.add_row(name, f"{value:.4f}")
     out.print(table)
+
+
+class IndexKind(StrEnum):
+    hnsw = "hnsw"
+    ivf_pq = "ivf_pq"
+
+
+@app.command("export-index")
+def export_index(
+    # Checked here, before torch is imported, so a mistyped path fails at once.
+    run: Annotated[
+        Path, typer.Argument(help="run folder (a staged run: its last stage) or .ckpt file", exists=True)
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(help="where to write the table (default: RUN/item_index.lance)", show_default=False),
+    ] = None,
+    index: Annotated[IndexKind, typer.Option(help="hnsw (IVF_HNSW_SQ) or ivf_pq")] = IndexKind.hnsw,
+    partitions: Annotated[int | None, typer.Option(help="IVF partitions", show_default=False)] = None,
+    sub_vectors: Annotated[
+        int | None, typer.Option(help="PQ sub-vectors (ivf_pq)", show_default=False)
+    ] = None,
+    nprobes: Annotated[int | None, typer.Option(help="partitions searched", show_default=False)] = None,
+    refine_factor: Annotated[
+        int | None, typer.Option(help="candidates re-scored exactly, as a multiple of k", show_default=False)
+    ] = None,
+    ef: Annotated[
+        int | None, typer.Option(help="graph candidates searched (hnsw)", show_default=False)
+    ] = None,
+) -> None:
+    """Write a retrieval model's item vectors into a Lance table with a vector index (dot product).
+
+    Defaults were chosen by measurement (benchmarks/vector_index.py); the search settings are
+    stored with the table, where `rex eval RUN --index PATH` finds them.
+    """
+    from rex.engine.export_index import export_index as write
+
+    path, settings, rows = write(
+        run,
+        output,
+        index.value,
+        num_partitions=partitions,
+        num_sub_vectors=sub_vectors,
+        nprobes=nprobes,
+        refine_factor=refine_factor,
+        ef=ef,
+    )
+    shown = ", ".join(f"{k}={v}" for k, v in vars(settings).items() if v is not None and k != "kind")
+    out.print(
+        f"wrote {rows:,} item vectors with a {settings.kind} index ({shown}) to {path}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()

@@ -19,7 +19,9 @@ class SequentialRecommender(nn.Module):
     Training batch: ``items`` (B, L) input ids and ``targets`` (B, L) next ids, left-padded
     with 0. Returns ``logits`` (P, num_items) and ``labels`` (P,) for the P non-padded
     positions, so the loss is computed at every position of every sequence.
-    Scoring batch: ``history`` (B, L). Returns ``scores`` (B, num_items) from the last position.
+    Scoring batch: ``history`` (B, L). Returns ``scores`` (B, num_items) from the last position:
+    ``user_vectors(batch) @ item_vectors().T``, so the model serves from a vector index of its
+    item table (rex's retrieval protocol, ``rex.eval.evaluators.RetrievalModel``).
     The encoder is called as ``encoder(x, padding_mask, last_only=...)``; with ``last_only`` it
     may compute the last position alone, (B, 1, dim), as ``encoder/transformer`` does.
 
@@ -72,6 +74,14 @@ class SequentialRecommender(nn.Module):
         (for a ``decoding/...`` component)."""
         return [self.item_table()]
 
+    def item_vectors(self) -> Tensor:
+        """(num_items, dim): the vectors ``scores`` are dot products with (row 0 is padding)."""
+        return self.item_table()
+
+    def user_vectors(self, batch: dict[str, Tensor]) -> Tensor:
+        """(B, dim): the last hidden state of each ``history`` row, the query of its scores."""
+        return self.encode(batch["history"], last_only=True)[:, -1]
+
     @staticmethod
     def positions(embedding: nn.Embedding, length: int, device: torch.device) -> Tensor:
         """(L, dim) position embeddings of a window of L items, counted back from the most recent (0)."""
@@ -93,8 +103,7 @@ class SequentialRecommender(nn.Module):
             valid = batch["targets"] > 0
             queries = hidden[valid]
             return {"logits": queries @ self.item_table().T, "labels": batch["targets"][valid]}
-        hidden = self.encode(batch["history"], last_only=True)
-        return {"scores": hidden[:, -1] @ self.item_table().T}
+        return {"scores": self.user_vectors(batch) @ self.item_vectors().T}
 
 
 @register("model/masked_sequential")
@@ -132,12 +141,29 @@ class MaskedItemRecommender(SequentialRecommender):
         self.head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim))
         self.output_bias = nn.Parameter(torch.zeros(num_items))
 
-    def _scores(self, hidden: Tensor) -> Tensor:
-        return self.head(hidden) @ self.item_embedding.weight[: self.num_items].T + self.output_bias
+    def _scores(self, query: Tensor) -> Tensor:
+        """(P, num_items) scores of the output head's (P, dim) vectors."""
+        return query @ self.item_embedding.weight[: self.num_items].T + self.output_bias
 
     def output_tables(self) -> list[Tensor]:
         """[(num_items, dim)]: the scored rows of the item table (the mask token's row is not)."""
         return [self.item_embedding.weight[: self.num_items]]
+
+    def item_vectors(self) -> Tensor:
+        """(num_items, dim + 1): the scored rows of the item table with each item's output bias
+        appended, so that ``scores`` stay exact dot products (the bias meets ``user_vectors``' 1)."""
+        return torch.cat([self.output_tables()[0], self.output_bias[:, None]], dim=1)
+
+    def user_vectors(self, batch: dict[str, Tensor]) -> Tensor:
+        """(B, dim + 1): the output head at the mask appended to each ``history`` row, and a 1."""
+        query = self._query(batch["history"])
+        return torch.cat([query, query.new_ones(len(query), 1)], dim=1)
+
+    def _query(self, history: Tensor) -> Tensor:
+        """(B, dim): the output head at a mask appended to each (B, L) history row."""
+        mask = history.new_full((history.shape[0], 1), self.num_items)
+        hidden = self.encode(torch.cat([history, mask], dim=1)[:, -self.max_len :], last_only=True)
+        return self.head(hidden[:, -1])
 
     def _mask_items(self, sequences: Tensor) -> tuple[Tensor, Tensor]:
         """(B, W) left-padded ids → the ids with masks in, and the bool (B, W) masked positions."""
@@ -154,8 +180,5 @@ class MaskedItemRecommender(SequentialRecommender):
             sequences = torch.cat([items, targets[:, -1:]], dim=1)[:, -self.max_len :]
             inputs, masked = self._mask_items(sequences)
             hidden = self.encode(inputs)
-            return {"logits": self._scores(hidden[masked]), "labels": sequences[masked]}
-        history = batch["history"]
-        mask = history.new_full((history.shape[0], 1), self.num_items)
-        hidden = self.encode(torch.cat([history, mask], dim=1)[:, -self.max_len :], last_only=True)
-        return {"scores": self._scores(hidden[:, -1])}
+            return {"logits": self._scores(self.head(hidden[masked])), "labels": sequences[masked]}
+        return {"scores": self._scores(self._query(batch["history"]))}

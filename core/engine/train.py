@@ -465,13 +465,22 @@ def print_summary(recipe: Recipe, results: list[dict[str, Any]], root: Path) -> 
     out.print(f"run folder: {root}   training wall time: {wall:.0f} s")
 
 
-def evaluate(target: Path, record: bool = False, devices: int = 1) -> dict[str, float] | None:
-    """``rex eval``: test metrics of a run's best checkpoint (or of a given .ckpt file).
+@dataclass
+class Restored:
+    """A finished run's model at a checkpoint, built from the run's own recipe."""
 
-    ``record`` writes them into the run's metrics.json as its test result (after an evaluator
-    fix, say), keeping the result they replace under ``retests``; only a run's own best.ckpt
-    may be recorded. ``devices`` > 1 splits the test set over that many data-parallel
-    processes; the metrics are the whole split's, returned by the main process (None elsewhere)."""
+    built: Built
+    recipe: Recipe
+    checkpoint: Path
+
+
+def restore(target: Path, evaluator: Mapping[str, Any] | None = None) -> Restored:
+    """The model of a run folder's best checkpoint (or of a given .ckpt file) with its data
+    module; a staged run is restored at its last stage (or at the stage folder given), with what
+    the stages before it exported. ``evaluator`` adds arguments to the recipe's evaluator node
+    (``rex eval --index``)."""
+    if not target.exists():
+        raise RexError("no such run folder or checkpoint", file=str(target))
     if target.is_file():
         ckpt, run_dir = target, target.parent.parent
     else:
@@ -484,8 +493,6 @@ def evaluate(target: Path, record: bool = False, devices: int = 1) -> dict[str, 
     recipe, context = loaded.recipe, None
     staged_run = run_dir if loaded.stages else run_dir.parent
     if (staged_run / "stages.json").is_file():
-        # A staged run is evaluated at its last stage (or at the stage folder given), with what
-        # the stages before it exported.
         from rex.engine.stages import stage_contexts
 
         whole = load_recipe(staged_run / RECIPE_FILE)
@@ -500,6 +507,9 @@ def evaluate(target: Path, record: bool = False, devices: int = 1) -> dict[str, 
             f"state anyway, pass {ckpt.with_name('last.ckpt')}",
             file=str(ckpt),
         )
+    if evaluator:
+        node = {**(recipe.eval.evaluator or {}), **evaluator}
+        recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"evaluator": node})})
     built = build_run(recipe, recipe.seeds[0], str(run_dir / RECIPE_FILE), context)
     console.print(f"checkpoint: {ckpt}", markup=False, highlight=False, soft_wrap=True)
     state = load_checkpoint(ckpt)
@@ -509,6 +519,27 @@ def evaluate(target: Path, record: bool = False, devices: int = 1) -> dict[str, 
         raise RexError(
             f"checkpoint does not match the run's recipe: {str(exc).splitlines()[0]}", file=str(ckpt)
         ) from exc
+    return Restored(built, recipe, ckpt)
+
+
+def evaluate(
+    target: Path, record: bool = False, devices: int = 1, index: Path | None = None
+) -> dict[str, float] | None:
+    """``rex eval``: test metrics of a run's best checkpoint (or of a given .ckpt file).
+
+    ``record`` writes them into the run's metrics.json as its test result (after an evaluator
+    fix, say), keeping the result they replace under ``retests``; only a run's own best.ckpt
+    may be recorded. ``devices`` > 1 splits the test set over that many data-parallel
+    processes; the metrics are the whole split's, returned by the main process (None elsewhere).
+    ``index`` ranks from that vector index's top items (``rex export-index``) instead of
+    exactly, through the evaluator's ``index`` argument."""
+    if record and index is not None:
+        raise RexError(
+            "--record takes the exact ranking: an index result is not the run's test result",
+            file="command line",
+        )
+    restored = restore(target, {"index": str(index)} if index is not None else None)
+    built, recipe, ckpt = restored.built, restored.recipe, restored.checkpoint
     trainer = distributed_trainer(
         recipe.model_copy(
             update={"train": recipe.train.model_copy(update={"devices": devices, "num_nodes": 1})}

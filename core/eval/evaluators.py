@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -55,6 +56,22 @@ class Decoding(Protocol):
     def __call__(self, scores: Tensor, step: int = 0) -> Tensor: ...
 
 
+@runtime_checkable
+class RetrievalModel(Protocol):
+    """A model whose full-ranking scores are dot products, so that it can serve from a vector
+    index of its items (``rex export-index``, ``eval/ranking``'s ``index``).
+
+    ``item_vectors()`` (num_items, D): row i is item i's vector, row 0 the padding item's.
+    ``user_vectors(batch)`` (B, D): the queries of a scoring batch, such that
+    ``user_vectors(batch) @ item_vectors().T`` is the model's ``scores`` for it. SASRec and its
+    family (``model/sequential``, ``model/masked_sequential``) implement it, as do two-tower models.
+    """
+
+    def item_vectors(self) -> Tensor: ...
+
+    def user_vectors(self, batch: dict[str, Tensor]) -> Tensor: ...
+
+
 def fit_decoding(decoding: Decoding, model: nn.Module, evaluator: str) -> None:
     """Fits ``decoding`` on ``model.output_tables()``; a RecipeError at ``eval.evaluator.decoding``
     when the model has none or the decoding rejects them."""
@@ -93,8 +110,11 @@ class RankingEvaluator(Evaluator):
     ``seen`` (B, S), the user's whole training history however long, are masked to -inf: the
     protocol excludes the history, not only the part the model reads. ``decoding`` (a
     ``decoding/...`` component, fitted once per pass on the model's ``output_tables()``) then
-    transforms the masked scores before ranking. Only the target's rank is
-    kept per user. A batch is scored ``chunk_rows``
+    transforms the masked scores before ranking. ``index`` (a table written by ``rex
+    export-index`` from this model) ranks instead from the index's top items for each user's
+    ``user_vectors`` (a :class:`RetrievalModel`), with the same masking: the metrics of serving
+    from the index, where a target outside its top ``k`` (the largest cut-off) is a miss. Only
+    the target's rank is kept per user. A batch is scored ``chunk_rows``
     users at a time: a (chunk_rows, num_items) score matrix stays in cache while it is masked
     and ranked, which on CPU is several times faster than one matrix for the whole batch, and
     memory is bounded by it whatever the evaluation batch size.
@@ -108,27 +128,42 @@ class RankingEvaluator(Evaluator):
         exclude_history: bool,
         chunk_rows: int = 256,
         decoding: Decoding | None = None,
+        index: str | None = None,
     ) -> None:
         self.metric_names = check_metrics(metrics, list(M.RANKING_METRICS), "eval/ranking")
         self.exclude_history = exclude_history
         self.chunk_rows = chunk_rows
         self.decoding = decoding
+        if index is not None and decoding is not None:
+            raise ValueError(
+                "decoding transforms every item's score and an index returns only its top items: use one"
+            )
+        self.index = index
         self.reset()
 
     def reset(self) -> None:
         self._ranks: list[Tensor] = []
         self._num_items = 0
         self._fitted = False
+        self._searcher: IndexRanker | None = None
 
     @torch.no_grad()
     def update(self, model: nn.Module, batch: dict[str, Tensor]) -> None:
         if self.decoding is not None and not self._fitted:
             fit_decoding(self.decoding, model, "eval/ranking")
             self._fitted = True
+        if self.index is not None and self._searcher is None:
+            cutoffs = [M.parse_metric_name(name)[1] or 1 for name in self.metric_names]
+            self._searcher = IndexRanker(self.index, model, max(cutoffs, default=1))
         rows = batch["target"].shape[0]
         for start in range(0, rows, self.chunk_rows):
             chunk = {name: value[start : start + self.chunk_rows] for name, value in batch.items()}
             chunk["history"] = trim_left_padding(chunk["history"])
+            if self._searcher is not None:
+                seen = trim_left_padding(chunk["seen"]) if self.exclude_history else None
+                self._num_items = self._searcher.num_items
+                self._ranks.append(self._searcher.ranks(chunk, seen))
+                continue
             scores = model(chunk)["scores"].float()
             scores[:, 0] = -torch.inf
             if self.exclude_history:
@@ -140,6 +175,54 @@ class RankingEvaluator(Evaluator):
 
     def compute(self) -> dict[str, float]:
         return ranking_metrics(gather_rows(torch.cat(self._ranks)), self.metric_names, self._num_items)
+
+
+class IndexRanker:
+    """Target ranks from a vector index of ``model``'s items (``eval/ranking``'s ``index``).
+
+    The index must hold the model's own item vectors (checked once), so that a stale export,
+    or one of another run, fails rather than reports another model's metrics."""
+
+    def __init__(self, path: str, model: nn.Module, k: int) -> None:
+        from rex.eval.vector_index import VectorIndex
+
+        if not isinstance(model, RetrievalModel):
+            raise RecipeError(
+                f"eval/ranking cannot rank {type(model).__name__}'s items from an index: it has no "
+                "item_vectors() and user_vectors(batch) (the vectors its scores are dot products of)",
+                key="eval.evaluator.index",
+            )
+        self.model: RetrievalModel = model
+        self.k = k
+        self.index = VectorIndex(path)
+        items = model.item_vectors().detach().float().cpu()
+        ids, vectors = self.index.vectors()
+        in_range = len(ids) == 0 or (ids.min() >= 0 and ids.max() < len(items))
+        if (
+            not in_range
+            or vectors.shape[1] != items.shape[1]
+            or not torch.allclose(
+                torch.from_numpy(vectors), items[torch.from_numpy(ids)], rtol=1e-5, atol=1e-6
+            )
+        ):
+            raise RecipeError(
+                f"{path} does not hold this model's item vectors (written from another checkpoint?); "
+                "write it again with `rex export-index RUN`",
+                key="eval.evaluator.index",
+            )
+        self.num_items = len(items)
+
+    def ranks(self, chunk: dict[str, Tensor], seen: Tensor | None) -> Tensor:
+        """(B,) the 0-based rank of each row's target among the index's top ``k`` items that are
+        not in ``seen`` (B, S); ``num_items``, never a hit, for a target outside them."""
+        from rex.eval.vector_index import retrieved_ranks
+
+        queries = self.model.user_vectors(chunk).detach().float().cpu().numpy()
+        excluded = seen.cpu().numpy() if seen is not None else np.zeros((len(queries), 0), dtype=np.int64)
+        # Over-fetch by the most items a row excludes, so k remain once they are dropped.
+        retrieved = self.index.search(queries, self.k + excluded.shape[1])
+        target = chunk["target"].cpu().numpy()
+        return torch.from_numpy(retrieved_ranks(retrieved, target, excluded, self.k, self.num_items))
 
 
 def ranking_metrics(ranks: Tensor, names: list[str], num_items: int | None) -> dict[str, float]:
