@@ -101,13 +101,20 @@ ENTRIES = [
     Entry("scientific_mm", "M3BSR (modalities)", "paper", "m3bsr_scientific.yaml"),
     Entry("scientific_mm", "M3BSR − denoiser", "ablation", "m3bsr_scientific.yaml", ("model.denoiser=null",)),
     # MMQ's semantic IDs as extra sparse features of DIN (the ranker stage reads them).
-    Entry("scientific_mm", "DIN + MMQ codes", "paper", "mmq_din.yaml"),
     Entry(
-        "scientific_mm",
+        "scientific_mm-din",
+        "DIN + MMQ codes",
+        "paper",
+        "mmq_din.yaml",
+        title="scientific_mm, MMQ codes in DIN",
+    ),
+    Entry(
+        "scientific_mm-din",
         "DIN + MMQ codes − behaviour-aware fine-tuning (stage 1 only)",
         "ablation",
         "mmq_din.yaml",
         ("stages.finetune.export={}",),
+        title="scientific_mm, MMQ codes in DIN",
     ),
     # MovieLens-100K: DIN gets the same user and item fields as DMGIN; din_mm adds MiniLM titles.
     Entry("ml-100k", "DIN", "baseline", "din.yaml", ("data.name=ml-100k", ML100K_FIELDS)),
@@ -409,9 +416,7 @@ NOTES = {
     "scientific_mm": (
         "Amazon Scientific (DecoRec), CTR: each next item plus one sampled negative, the history is "
         "the user's earlier items (up to 50, every row). M3BSR here is its modality-denoising half only (text and image histories denoised "
-        "given the ID history); its behaviour half is the taobao_mb row. DIN + MMQ codes is DIN at "
-        "din.yaml's sizes where every item (target and history) also has one embedding per MMQ "
-        "semantic-ID level, the IDs from recipes/mmq_din.yaml's tokenizer stages."
+        "given the ID history); its behaviour half is the taobao_mb row."
     ),
     "taobao_mb": (
         "Taobao view/cart/buy, CTR with buy as the label, every split a buy against an item the user "
@@ -512,6 +517,11 @@ NOTES = {
         "over MiniLM vectors of each item's title, categories and brand. Test re-run with the "
         "whole-history mask (`rex eval RUN --record`); the checkpoints were selected under the "
         "earlier window-only mask."
+    ),
+    "scientific_mm, MMQ codes in DIN": (
+        "The scientific_mm section's split and protocol (its DIN and din_mm rows are the "
+        "baselines): DIN at din.yaml's sizes where every item (target and history) also has one "
+        "embedding per MMQ semantic-ID level, the IDs from recipes/mmq_din.yaml's tokenizer stages."
     ),
     "scientific_mm, MMQ in TIGER": (
         "Leave-one-out on scientific_mm's sequences, histories of up to 20, the whole history "
