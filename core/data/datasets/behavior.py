@@ -33,20 +33,32 @@ Taobao, their own train and test parts alike, as MuLE does).
 * ``users``: one row per user id (row ``u`` is user ``u``; row 0, padding, is empty) with the
   ``history_<behaviour>`` lists of the ``sequence`` view. A ``ctr`` recipe joins them to its
   rows by user id (``data.user_columns``), so 1.85M Taobao rows do not each carry a copy.
-* ``retrieval`` (Taobao only, whose file gives a test part of every behaviour; ``task:
-  multi_objective``): every behaviour is an objective with its own held-out items. Test: the
-  given test item of each behaviour (one per user). Validation: one training item of each
-  behaviour per user with at least two (buys: the ``sequence`` view's validation buys; view and
-  cart drawn with ``objective_valid_seed``), removed from training. ``ret_train`` has one row per
-  remaining (user, item, objective) (``objective`` 1..K in funnel order); ``ret_users`` row
-  ``u`` holds user ``u``'s training items of each behaviour (``history_<behaviour>``), which a
-  training row joins by user id; ``ret_valid`` / ``ret_test`` hold one row per user with those
-  lists (test: also the validation items) and ``target_<behaviour>`` (0: none held out). No
-  held-out pair is in any list of its split; a held-out item may be in another behaviour's list
-  (a bought item was often viewed), as it may at serving time. ``retrieval_<behaviour>`` is the
-  same view training on that behaviour's rows only (``ret_train_<behaviour>``), for one stage of
-  a cascade. The ``history_*`` lists of the ``users`` view above hold every row, test parts
-  included, so they must not feed this task.
+* ``retrieval`` (``task: multi_objective``): every behaviour is an objective with its own
+  held-out items; objective ``k`` is the ``k``-th behaviour of the funnel. Test, Taobao: the
+  given test item of each behaviour (one per user). Test, Tmall: the given test buys (one or
+  more per user); collect and cart have no given test part, so one item of each per user with at
+  least two is drawn with ``objective_test_seed``. Validation: one item of each behaviour per
+  user with at least two left after test (buys: the ``sequence`` view's validation buys, for
+  Tmall the given ones, several per user; the others drawn with ``objective_valid_seed``),
+  removed from training. ``ret_train`` has one row per remaining (user, item, objective);
+  ``ret_users`` row ``u`` holds user ``u``'s training items of each behaviour
+  (``history_<behaviour>``), which a training row joins by user id; ``ret_valid`` / ``ret_test``
+  hold those lists (test: also the validation items) and ``target_<behaviour>`` (0: none held
+  out), one row per user and ``k`` with the user's ``k``-th held-out item of each behaviour (so
+  one row per user where no user has two; each of a Tmall user's held-out buys is a row, as in
+  the ``sequence`` view). No held-out pair is in any list of its split; a held-out item may be
+  in another behaviour's list (a bought item was often viewed), as it may at serving time.
+  ``retrieval_<behaviour>`` is the same view training on that behaviour's rows only
+  (``ret_train_<behaviour>``), for one stage of a cascade. The ``history_*`` lists of the
+  ``users`` view above hold every row, test parts included, so they must not feed this task.
+
+**Tmall's cascade.** Collect and cart are parallel steps between a click and a buy (neither
+leads to the other: 145 of the 1,996 carted pairs were collected), which is what "collect or cart,
+then buy" says. A cascade still needs one order, and the simplest faithful one keeps every
+behaviour an objective in the funnel order above, collect -> cart -> buy: collect first, as the
+first stage alone trains the item side (``recipes/csmf.yaml``) and collect has 221,514 rows to
+cart's 1,996. Dropping collect to an input (cart -> buy) would leave the view's collect objective
+untrained, and the baselines train all three.
 """
 
 from __future__ import annotations
@@ -120,6 +132,11 @@ class TaobaoMbParams(SequenceCtrParams):
 class TmallMbParams(SequenceCtrParams):
     """Params of ``tmall_mb`` (section ``tmall_mb:`` of params.yaml)."""
 
+    # which collect and cart of each user are held out for the retrieval view's test, then
+    # validation (buys have given valid/test files); two seeds, so the draws are not correlated
+    objective_test_seed: int = 2025
+    objective_valid_seed: int = 2024
+
 
 @dataclass(frozen=True)
 class Pairs:
@@ -141,8 +158,8 @@ class MultiBehavior:
 
     ``behaviors`` maps every behaviour, in funnel order with buy last, to all its rows;
     ``buys`` are the given training buys, ``held_out`` the mask of those kept for validation,
-    and ``test`` the test buys. ``tested``, where the source splits every behaviour, marks each
-    behaviour's rows of the given test part (Taobao; it makes the ``retrieval`` view).
+    and ``test`` the test buys. ``tested`` marks each behaviour's rows held out for the
+    ``retrieval`` view's test (None: no such view).
     """
 
     name: str
@@ -250,13 +267,13 @@ def _ctr_tables(
     return tables, {"ctr_positives": len(anchors), "ctr_negatives": int(negatives.size)}
 
 
-def _one_per_user(pairs: Pairs, num_users: int, what: str) -> np.ndarray:
-    """(num_users,) each user's item of ``pairs`` (0 for none); a DataError if a user has two."""
-    if len(np.unique(pairs.users)) != len(pairs.users):
-        raise DataError(f"expected at most one held-out {what} item per user")
-    target = np.zeros(num_users, dtype=np.int64)
-    target[pairs.users] = pairs.items
-    return target
+def _rank_in_user(users: np.ndarray) -> np.ndarray:
+    """Each row's 0-based position among its user's rows, in the rows' order."""
+    order = np.argsort(users, kind="stable")
+    ordered = users[order]
+    rank = np.empty(len(users), dtype=np.int64)
+    rank[order] = np.arange(len(users)) - np.searchsorted(ordered, ordered)
+    return rank
 
 
 def _retrieval(
@@ -282,13 +299,27 @@ def _retrieval(
     users = np.arange(num_users, dtype=np.int64)
 
     def held_out_table(split: int, histories: dict[str, RaggedColumn]) -> pa.Table:
-        targets = {name: _one_per_user(part[split], num_users, name) for name, part in parts.items()}
-        rows = np.flatnonzero(np.any([t > 0 for t in targets.values()], axis=0))
+        held = {name: part[split] for name, part in parts.items()}
+        for name, pairs in held.items():
+            listed = Pairs(*_pairs_of(histories[name])).keys(num_items)
+            if np.isin(pairs.keys(num_items), listed).any():
+                raise DataError(
+                    f"{data.name}: a held-out {name} pair is also a known {name} pair of its split "
+                    "(a repeated row?); its retrieval view would leak it"
+                )
+        # A row per (user, k): the user's k-th held-out item of each behaviour.
+        width = 1 + max(len(pairs.users) for pairs in held.values())
+        keys = {name: pairs.users * width + _rank_in_user(pairs.users) for name, pairs in held.items()}
+        rows = np.unique(np.concatenate(list(keys.values())))
+        users = rows // width
+        targets = {name: np.zeros(len(rows), dtype=np.int64) for name in names}
+        for name, pairs in held.items():
+            targets[name][np.searchsorted(rows, keys[name])] = pairs.items
         return pa.table(
             {
-                "user": pa.array(rows),
-                **{f"history_{n}": histories[n].take(rows).to_arrow() for n in names},
-                **{f"target_{n}": pa.array(targets[n][rows]) for n in names},
+                "user": pa.array(users),
+                **{f"history_{n}": histories[n].take(users).to_arrow() for n in names},
+                **{f"target_{n}": pa.array(targets[n]) for n in names},
             }
         )
 
@@ -376,7 +407,7 @@ def _views(data: MultiBehavior, aux: list[str]) -> dict[str, ViewSpec]:
     }
 
 
-def _build(data: MultiBehavior, params: SequenceCtrParams, objective_valid_seed: int = 0) -> Built:
+def _build(data: MultiBehavior, params: SequenceCtrParams, objective_valid_seed: int) -> Built:
     num_users, num_items = data.num_users, data.num_items
     aux = [name for name in data.behaviors if name != TARGET]
     train, valid = data.buys[~data.held_out], data.buys[data.held_out]
@@ -518,5 +549,11 @@ def build_tmall_mb(raw: Path, params: TmallMbParams) -> Built:
         "cart": read["cart"],
         TARGET: Pairs(np.concatenate([buys.users, test.users]), np.concatenate([buys.items, test.items])),
     }
-    data = MultiBehavior("tmall_mb", behaviors, buys, held_out, test, num_users, num_items)
-    return _build(data, params)
+    # Only buy has a given test part; collect and cart hold out a seeded item per user instead.
+    tested = {
+        name: hold_out_one_per_user(behaviors[name].users, params.objective_test_seed)
+        for name in ("collect", "cart")
+    }
+    tested[TARGET] = np.arange(len(behaviors[TARGET].users)) >= len(buys.users)
+    data = MultiBehavior("tmall_mb", behaviors, buys, held_out, test, num_users, num_items, tested)
+    return _build(data, params, params.objective_valid_seed)
