@@ -189,9 +189,15 @@ class Tiger(nn.Module):
 
         ``memory_mask`` (N, C) bool, True = a real state, or None when all are real.
         """
-        n, t = codes.shape
-        bos = torch.full((n, 1), self.vocab_size + 1, dtype=torch.long, device=codes.device)
-        tokens = torch.cat([bos, codes.long() + self.offsets[:t]], dim=1)
+        return self.decode_tokens(memory, memory_mask, codes.long() + self.offsets[: codes.shape[1]])
+
+    def decode_tokens(self, memory: Tensor, memory_mask: Tensor | None, tokens: Tensor) -> Tensor:
+        """:meth:`decode` over (N, t) tokens, t < C, rather than codes: a token names its level
+        (``c * K + k``), so a subclass may feed the levels in any order; step i adds the i-th
+        level embedding."""
+        n, t = tokens.shape
+        bos = torch.full((n, 1), self.vocab_size + 1, dtype=torch.long, device=tokens.device)
+        tokens = torch.cat([bos, tokens], dim=1)
         x = self.token_embedding(tokens) * math.sqrt(self.dim) + self.level_embedding.weight[: t + 1]
         x = self.dropout(x)
         for norm, cross, block in zip(self.cross_norms, self.cross, self.blocks, strict=True):

@@ -12,7 +12,7 @@ item's code tuple. The evaluator drives it through a small protocol:
 
 from __future__ import annotations
 
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,18 @@ class GenerativeModel(Protocol):
     def start(self, history: Tensor) -> Any: ...
 
     def next_code_log_probs(self, state: Any, prefixes: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class Search(Protocol):
+    """``eval/generative``'s ``search`` (a ``search/...`` component, such as ``search/corp``): ranks
+    items by a search of the model's own, for a model whose codes are no ordered tuple.
+    ``search(model, history (B, W), beam, seen (B, S) | None) -> (items (B, M), scores (B, M),
+    codes (B, M, C))``, as :func:`beam_search` returns them."""
+
+    def __call__(
+        self, model: nn.Module, history: Tensor, beam: int, seen: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
 class CodeTrie:
@@ -176,6 +188,8 @@ class GenerativeEvaluator(Evaluator):
     the user (0 when the constraints hold; checked against ``item_codes`` independently of the
     trie). ``decoding`` (a ``decoding/...`` component, fitted once per pass on the model's
     ``output_tables()``, one per code level) transforms each level's log-probs in the search.
+    ``search`` (a ``search/...`` component) replaces the trie's beam search with the model's own
+    (``search/corp`` for ``model/reg4rec``'s unordered tokens); the beams are checked alike.
     """
 
     def __init__(
@@ -185,8 +199,11 @@ class GenerativeEvaluator(Evaluator):
         beam: int = 20,
         chunk_rows: int = 256,
         decoding: Decoding | None = None,
+        search: Search | None = None,
     ) -> None:
         self.metric_names = check_metrics(metrics, {"recall", "ndcg", "mrr", "hit"}, "eval/generative")
+        if decoding is not None and search is not None:
+            raise ValueError("eval/generative takes a decoding or a search, not both")
         if isinstance(beam, bool) or beam < 1:
             raise ValueError(f"beam must be a positive integer, got {beam!r}")
         too_deep = [name for name in metrics if (M.parse_metric_name(name)[1] or 0) > beam]
@@ -201,6 +218,7 @@ class GenerativeEvaluator(Evaluator):
         self.beam = beam
         self.chunk_rows = chunk_rows
         self.decoding = decoding
+        self.search = search
         self._trie: CodeTrie | None = None
         self._codes: Tensor | None = None
         self.reset()
@@ -236,9 +254,12 @@ class GenerativeEvaluator(Evaluator):
         for rows in torch.argsort((history != 0).sum(dim=1)).split(self.chunk_rows):
             chunk = trim_left_padding(history[rows])
             seen = trim_left_padding(batch["seen"][rows]) if self.exclude_history else None
-            items, scores, codes = beam_search(
-                cast(GenerativeModel, model), trie, chunk, self.beam, seen, self.decoding
-            )
+            if self.search is not None:
+                items, scores, codes = self.search(model, chunk, self.beam, seen)
+            else:
+                items, scores, codes = beam_search(
+                    cast(GenerativeModel, model), trie, chunk, self.beam, seen, self.decoding
+                )
             hit = items == target[rows].to(items.device)[:, None]
             ranks = torch.where(hit.any(dim=1), hit.int().argmax(dim=1), self.beam)
             self._ranks.append(ranks.cpu())
