@@ -142,7 +142,9 @@ def export_index(
         Path | None,
         typer.Option(help="where to write the table (default: RUN/item_index.lance)", show_default=False),
     ] = None,
-    index: Annotated[IndexKind, typer.Option(help="hnsw (IVF_HNSW_SQ) or ivf_pq")] = IndexKind.hnsw,
+    index: Annotated[
+        IndexKind, typer.Option(help="ivf_pq (IVF_PQ) or hnsw (IVF_HNSW_SQ)")
+    ] = IndexKind.ivf_pq,
     partitions: Annotated[int | None, typer.Option(help="IVF partitions", show_default=False)] = None,
     sub_vectors: Annotated[
         int | None, typer.Option(help="PQ sub-vectors (ivf_pq)", show_default=False)

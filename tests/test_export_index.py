@@ -58,7 +58,7 @@ def exported(sasrec_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 def test_the_table_holds_the_models_item_vectors_with_an_index(restored: Restored, exported: Path) -> None:
     dataset = lance.dataset(str(exported))
     assert dataset.schema.names == ["item", "vector"]
-    assert [index.index_type for index in dataset.describe_indices()] == ["IVF_HNSW_SQ"]
+    assert [index.index_type for index in dataset.describe_indices()] == ["IVF_PQ"]
     table = dataset.to_table()
     items = restored.built.module.model.item_vectors().detach()
     assert table.column("item").to_pylist() == list(range(1, len(items)))  # no padding row

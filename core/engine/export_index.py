@@ -11,13 +11,13 @@ import torch
 from rex.config.errors import RexError
 from rex.engine.train import restore
 from rex.eval.evaluators import RetrievalModel
-from rex.eval.vector_index import KINDS, IndexSettings, default_settings, write_index
+from rex.eval.vector_index import DEFAULT_KIND, KINDS, IndexSettings, default_settings, write_index
 
 INDEX_NAME = "item_index.lance"
 
 
 def export_index(
-    target: Path, output: Path | None = None, kind: str = "hnsw", **overrides: Any
+    target: Path, output: Path | None = None, kind: str = DEFAULT_KIND, **overrides: Any
 ) -> tuple[Path, IndexSettings, int]:
     """Writes the item vectors of ``target``'s best checkpoint (a run folder, a staged run's
     last stage or a .ckpt file) with an index of ``kind``, at ``output`` (default: beside the

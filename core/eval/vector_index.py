@@ -7,18 +7,17 @@ dot product, the score of every retrieval model (:class:`rex.eval.evaluators.Ret
 The settings it was built with, and the search settings that go with them, are kept in the
 table's schema metadata, so whoever searches it gets the recall it was built for.
 
-**Defaults, by measurement** (``benchmarks/vector_index.py``; table in ``benchmarks/README.md``).
-On real item vectors and queries (SASRec on Beauty, 12,101 items, and on Scientific, 4,385;
-1,000 test users each), IVF partitions under the dot product lose a user's top items in the
-partitions they skip: IVF-PQ finds 0.65 (Beauty) and 0.68 (Scientific) of the exact top-50 with
-1/8 of its partitions probed, 0.95 and 0.96 with half, and PQ codes alone (no exact re-scoring)
-cap it at 0.68 and 0.76. Mapping the dot product to L2 first (an extra norm coordinate) did not
-help. A graph does: IVF_HNSW_SQ with every partition probed, ``ef`` 300 and a refine factor of
-2 finds 0.993 and 1.000 (``ef`` 100: 0.941 on Beauty; no refinement: 0.978). At these sizes
-every index is slower than exact search batched in torch (3,266 and 32,583 queries/s on one
-thread against 159 and 306); at 1M synthetic vectors the graph answers 236 queries/s against
-exact search's 124 and IVF-PQ's 45 (all partitions probed), but takes 22 minutes to build
-against IVF-PQ's 43 s. See :data:`DEFAULT` and :func:`default_settings`.
+**Defaults, by measurement** (``benchmarks/vector_index.py``; table in the README). On real
+item vectors and queries (SASRec on Beauty, 12,101 items, and on Scientific, 4,385; CSMF's fused
+queries on Taobao, 11,953; 1,000 test users each), IVF partitions under the dot product lose a
+user's top items in the partitions they skip: IVF-PQ finds 0.65 to 0.77 of the exact top-50 with
+1/8 of its partitions probed, and PQ codes alone (no exact re-scoring) cap it at 0.68 to 0.79.
+With every partition probed and a refine factor of 10 it finds 0.999, 1.000 and 1.000: the
+default. A graph (IVF_HNSW_SQ, ``ef`` 300, refine 2) finds 0.993 and 1.000 on SASRec's vectors
+but 0.934 on CSMF's, under the 0.95 bar. At these sizes every index is slower than exact
+search batched in torch; at 1M synthetic vectors the graph answers 236 queries/s against
+IVF-PQ's 45 and exact search's 124, but takes 22 minutes to build against IVF-PQ's 43 s. See
+:data:`DEFAULT_KIND` and :func:`default_settings`.
 """
 
 from __future__ import annotations
@@ -83,23 +82,25 @@ class IndexSettings:
         return out
 
 
-# One partition per 2**20 items: the graph inside a partition does the pruning, so partitions
-# only bound a graph's size, and every one is probed (IVF under the dot product misses top
-# items in the partitions it skips).
+# HNSW: one partition per 2**20 items: the graph inside a partition does the pruning, so
+# partitions only bound a graph's size, and every one is probed (IVF under the dot product misses
+# top items in the partitions it skips).
 PARTITION_ROWS = 1 << 20
-DEFAULT = IndexSettings(kind="hnsw", num_partitions=1, nprobes=1, refine_factor=2, ef=300)
+HNSW = IndexSettings(kind="hnsw", num_partitions=1, nprobes=1, refine_factor=2, ef=300)
+DEFAULT_KIND = "ivf_pq"
 
 
-def default_settings(rows: int, dim: int, kind: str = DEFAULT.kind) -> IndexSettings:
+def default_settings(rows: int, dim: int, kind: str = DEFAULT_KIND) -> IndexSettings:
     """The measured defaults for ``rows`` vectors of ``dim`` (see the module docstring).
 
-    IVF-PQ, when asked for: about sqrt(rows) / 4 partitions (28 for Beauty's 12,101 items), all
-    of them probed, sub-vectors of 4 dimensions and a refine factor of 10 (0.999 and 1.000 of the
-    top-50 on Beauty and Scientific). Probing half of them found 0.949 and 0.960, short of or
-    close to the 0.95 bar; probing all is a compressed scan of every item."""
+    IVF-PQ: about sqrt(rows) / 4 partitions (28 for Beauty's 12,101 items), all of them probed,
+    sub-vectors of 4 dimensions and a refine factor of 10 (0.999 to 1.000 of the top-50 on the
+    three real catalogues). Probing half of them found 0.949 and 0.960 on SASRec's vectors,
+    short of or close to the 0.95 bar; probing all is a compressed scan of every item. HNSW,
+    when asked for: ef 300 and refine 2, one partition per 2**20 items."""
     if kind == "hnsw":
         partitions = max(1, math.ceil(rows / PARTITION_ROWS))
-        return replace(DEFAULT, num_partitions=partitions, nprobes=partitions)
+        return replace(HNSW, num_partitions=partitions, nprobes=partitions)
     partitions = max(1, min(rows // 256, round(math.sqrt(rows) / 4)))
     sub = next(s for s in (dim // 4, 16, 8, 4, 2, 1) if s >= 1 and dim % s == 0)
     return IndexSettings(
