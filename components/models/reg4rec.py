@@ -33,7 +33,8 @@ class Reg4Rec(Tiger):
 
     **Preference alignment** (``paths`` > 0; the reasoning stage). A frozen reference copy, set
     to the policy's weights at its first forward (after ``init_from``) and checkpointed with it,
-    searches ``paths`` CORP-consistent paths per position (:func:`path_search`). A path's reward
+    searches ``paths`` CORP-consistent paths per position of ``pair_rows`` random rows of the
+    batch (:func:`path_search`). A path's reward
     (PARS) is the share of its tokens the target holds, plus MSRA's ``discount ** s`` times the
     share the item ``s`` steps later in the user's sequence holds, s = 1 .. ``horizon``. The
     best- and worst-rewarded paths of a position (when their rewards differ) form a preference
@@ -60,17 +61,19 @@ class Reg4Rec(Tiger):
         paths: int = 0,
         horizon: int = 0,
         discount: float = 0.5,
+        pair_rows: int = 64,
     ) -> None:
         super().__init__(
             item_codes, max_len, encoder, decoder, cross_attention,
             dim, num_heads, encoder_layers, decoder_layers, dropout, chunk_rows,
         )  # fmt: skip
         at_least(0, paths=paths, horizon=horizon)
+        at_least(1, pair_rows=pair_rows)
         if paths == 1:
             raise ValueError("paths must be 0 (no preference pairs) or at least 2 (a pair to rank)")
         if not 0.0 <= discount <= 1.0:
             raise ValueError(f"discount must be in [0, 1], got {discount}")
-        self.paths, self.horizon, self.discount = paths, horizon, discount
+        self.paths, self.horizon, self.discount, self.pair_rows = paths, horizon, discount, pair_rows
         levels = torch.arange(self.vocab_size) // self.width
         codes = torch.arange(self.vocab_size) % self.width
         self.register_buffer("token_level", levels, persistent=False)
@@ -133,6 +136,13 @@ class Reg4Rec(Tiger):
             reference.load_state_dict(own)
             self.reference_synced.fill_(True)
         reference.eval()
+        # The search costs a beam over every item per position: pairs come from ``pair_rows``
+        # random rows of the batch, the teacher forcing from all of them.
+        rows = torch.randperm(len(items), device=items.device)[: self.pair_rows].sort().values
+        picked = torch.zeros_like(valid)
+        picked[rows] = valid[rows]
+        memory = memory[picked[valid]]
+        items, targets, valid = items[rows], targets[rows], valid[rows]
         with torch.no_grad():
             reference_memory = reference.encode_positions(items, valid)
             candidates = torch.ones(
