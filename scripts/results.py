@@ -255,6 +255,20 @@ ENTRIES = [
         metrics=RANKING,
     ),
     Entry("scientific", "TIGER", "paper", "tiger.yaml", metrics=RANKING),
+    # REG4Rec: MPQ tokens, reasoning paths, PARS + MSRA, CORP search; one key per ablation.
+    *(
+        Entry("scientific", label, role, "reg4rec.yaml", overrides, metrics=RANKING)
+        for label, role, overrides in [
+            ("REG4Rec", "paper", ()),
+            ("REG4Rec − MPQ (one codebook)", "ablation", ("stages.tokenizer.model.quantizer.levels=1",)),
+            ("REG4Rec − PARS/MSRA (paths=0)", "ablation", ("stages.reason.model.paths=0",)),
+            (
+                "REG4Rec − CORP (unconstrained beam)",
+                "ablation",
+                ("stages.reason.eval.evaluator.search.consistent=false",),
+            ),
+        ]
+    ),
     # MMQ's semantic IDs against RQ-VAE's in the same TIGER recommender, on scientific_mm (text and
     # image vectors).
     *(
@@ -291,6 +305,7 @@ ENTRIES = [
         runs_of="TIGER (collaborative IDs)",
     ),
     Entry("beauty", "TIGER (collaborative IDs)", "paper", "tiger_beauty.yaml", metrics=RANKING),
+    Entry("beauty", "REG4Rec (collaborative MPQ tokens)", "paper", "reg4rec_beauty.yaml", metrics=RANKING),
     # HeterRec against the sequential baselines: each recipe's own settings (each fits 30 minutes
     # on the 2-core machine), histories of 50, the whole history masked (no target repeats).
     # Multi-scenario CTR: each backbone with and without GSVR (one key, model.gsvr).
