@@ -18,12 +18,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def data_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """REX_DATA_HOME for the whole session, with ml-100k and beauty prepared from the mirror."""
+    """REX_DATA_HOME for the whole session, with ml-100k and beauty prepared from the mirror.
+
+    Parallel workers (pytest-xdist) share one home under their common base directory, so each
+    dataset is prepared once per run: prepare_dataset's lock makes the others wait for it."""
     if mirror_dir() is None:
         pytest.skip("no data mirror (../shared/data or REX_DATA_MIRROR)")
     from rex.data.prepare import prepare_dataset
 
-    home = tmp_path_factory.mktemp("data_home")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        home = tmp_path_factory.getbasetemp().parent / "data_home"
+        home.mkdir(exist_ok=True)
+    else:
+        home = tmp_path_factory.mktemp("data_home")
     previous = os.environ.get("REX_DATA_HOME")
     os.environ["REX_DATA_HOME"] = str(home)
     for name in ("ml-100k", "beauty"):

@@ -292,6 +292,24 @@ def test_an_up_to_date_prepare_removes_what_killed_prepares_left(root: Path) -> 
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(("ml-100k", ".ml-100k"))) == ["ml-100k"]
 
 
+def test_a_prepare_that_waited_for_another_uses_its_dataset(root: Path, tmp_path: Path) -> None:
+    """While one process builds a dataset (here: holds its lock, then puts a copy in place), a
+    second one asked for it waits and then reuses that build instead of building it again."""
+    home = tmp_path / "home"
+    script = f"from rex.data.prepare import prepare_dataset; prepare_dataset('ml-100k', params={{}}, root={str(home)!r})"
+    with prepare_module._build_lock(home, "ml-100k"):
+        child = subprocess.Popen(
+            [sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, cwd=tmp_path
+        )
+        assert child.stderr is not None
+        first = child.stderr.readline()
+        assert "another process is preparing it; waiting" in first, first
+        shutil.copytree(root / "ml-100k", home / "ml-100k")
+    rest = child.stderr.read()
+    assert child.wait(timeout=120) == 0, rest
+    assert "up to date" in rest and "prepared at" not in rest and "extracting" not in rest
+
+
 def test_failed_build_keeps_the_old_dataset(
     root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -311,8 +329,9 @@ def test_failed_build_keeps_the_old_dataset(
         prepare_dataset("ml-100k", params={"ctr_max_history": 10}, root=tmp_path)
     assert data_hash(tmp_path / "ml-100k") == before
     assert load_schema(tmp_path / "ml-100k").params["ctr_max_history"] == Ml100kParams().ctr_max_history
-    # _features holds the MiniLM title vectors, computed before any table is written
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["_features", "_raw", "ml-100k"]
+    # _features holds the MiniLM title vectors, computed before any table is written; .locks the
+    # (empty) build lock files
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".locks", "_features", "_raw", "ml-100k"]
 
 
 def test_params_errors_and_unknown_dataset(tmp_path: Path) -> None:

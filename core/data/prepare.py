@@ -8,9 +8,12 @@ is built beside the target and swapped in, so the tables and the schema always b
 from __future__ import annotations
 
 import difflib
+import fcntl
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -227,17 +230,55 @@ def prepare_dataset(
         raw_params, params_file = params, "params"
     validated = validate_params(name, definition.params, raw_params, params_file)
     used = validated.model_dump(mode="json")
-
-    if not force and (out / "schema.json").is_file():
-        try:
-            existing = load_schema(out)
-        except DataError:
-            existing = None
-        if existing is not None and _is_current(out, existing, used, definition.source):
-            check_tables(out, existing)
-            log(f"{name}: up to date at {out}")
+    if not force and (existing := _current_schema(out, used, definition.source)) is not None:
+        return existing
+    with _build_lock(root, name):
+        # Another process may have built it while this one waited for the lock.
+        if not force and (existing := _current_schema(out, used, definition.source)) is not None:
             return existing
+        return _build(root, name, definition, validated, used)
 
+
+def _current_schema(out: Path, params: dict[str, Any], source: RawSource) -> DatasetSchema | None:
+    """The schema of ``out`` when it was built from ``source`` with ``params`` by this prepare
+    version (its tables checked), else None."""
+    if not (out / SCHEMA_FILE).is_file():
+        return None
+    try:
+        existing = load_schema(out)
+    except DataError:
+        return None
+    if not _is_current(out, existing, params, source):
+        return None
+    check_tables(out, existing)
+    log(f"{out.name}: up to date at {out}")
+    return existing
+
+
+@contextmanager
+def _build_lock(root: Path, name: str) -> Iterator[None]:
+    """Holds ``<root>/.locks/<name>`` exclusively: processes that start together on one data home
+    (sweep workers, the ranks of a multi-process run, parallel test workers) build a dataset once,
+    and the others wait and then find it up to date instead of building it again."""
+    locks = root / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / name, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"{name}: another process is preparing it; waiting")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build(
+    root: Path, name: str, definition: DatasetDef, validated: Params, used: dict[str, Any]
+) -> DatasetSchema:
+    """Fetch ``definition``'s raw source and write the built dataset to ``<root>/<name>/``."""
+    out = root / name
     started = time.perf_counter()
     raw = fetch(definition.source, root / RAW_DIR)
     built = definition.build(raw, validated)
