@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,6 +43,29 @@ def data_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ.pop("REX_DATA_HOME", None)
     else:
         os.environ["REX_DATA_HOME"] = previous
+
+
+@contextmanager
+def prepared_home(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Path]:
+    """A fresh data home (REX_DATA_HOME while inside) with ``name`` prepared from the mirror; the
+    cached MiniLM features of the working copy, or of the session's data home, are copied in so
+    the encoder need not run again."""
+    if mirror_dir() is None:
+        pytest.skip("no data mirror (../shared/data or REX_DATA_MIRROR)")
+    from rex.data.features import FEATURES_DIR
+    from rex.data.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("rex_data")
+    for cache in {
+        REPO / "data" / FEATURES_DIR,
+        Path(os.environ.get("REX_DATA_HOME", REPO / "data")) / FEATURES_DIR,
+    }:
+        if cache.is_dir():
+            shutil.copytree(cache, root / FEATURES_DIR, dirs_exist_ok=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("REX_DATA_HOME", str(root))
+        prepare_dataset(name, root=root)
+        yield root
 
 
 def _child_env(env: dict[str, str] | None) -> dict[str, str]:

@@ -6,8 +6,6 @@ in its last stage to the uninterrupted run's metrics."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,12 +22,9 @@ from rex.components.quantizers.residual import ResidualQuantizer
 from rex.config.errors import RecipeError
 from rex.config.recipe import load_recipe
 from rex.config.registry import build
-from rex.data.features import FEATURES_DIR
-from rex.data.mirror import mirror_dir
-from rex.data.prepare import prepare_dataset
 from rex.engine.build import build_run
 from rex.engine.stages import copy_modules
-from tests.conftest import REPO, kill_rex_when, run_rex
+from tests.conftest import REPO, kill_rex_when, prepared_home, run_rex
 
 ITEMS = 24  # ids 1..23 of the random tables, 0 is padding
 
@@ -256,20 +251,8 @@ def test_ctr_model_appends_the_codes_to_the_target_and_every_history_item() -> N
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A data home with scientific_mm prepared from the mirror; cached MiniLM features (the
-    working copy's, or the session's data home's) are copied in so the encoder need not run."""
-    if mirror_dir() is None:
-        pytest.skip("no data mirror (../shared/data or REX_DATA_MIRROR)")
-    root = tmp_path_factory.mktemp("rex_data")
-    for cache in {
-        REPO / "data" / FEATURES_DIR,
-        Path(os.environ.get("REX_DATA_HOME", REPO / "data")) / FEATURES_DIR,
-    }:
-        if cache.is_dir():
-            shutil.copytree(cache, root / FEATURES_DIR, dirs_exist_ok=True)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("REX_DATA_HOME", str(root))
-        prepare_dataset("scientific_mm", root=root)
+    """A data home with scientific_mm prepared (see prepared_home)."""
+    with prepared_home(tmp_path_factory, "scientific_mm") as root:
         yield root
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,11 +19,8 @@ from rex.components.decoding.corp import ConsistencyPruning, path_search
 from rex.components.losses.preference import DirectPreference
 from rex.components.quantizers.parallel import ParallelQuantizer
 from rex.config.registry import build
-from rex.data.features import FEATURES_DIR
-from rex.data.mirror import mirror_dir
-from rex.data.prepare import prepare_dataset
 from rex.eval.generative import GenerativeEvaluator
-from tests.conftest import REPO, kill_rex_when, run_rex
+from tests.conftest import REPO, kill_rex_when, prepared_home, run_rex
 from tests.test_tiger import _pairs, _tiger, beauty  # noqa: F401  (beauty: a fixture)
 
 
@@ -144,19 +139,8 @@ def test_generative_evaluator_takes_corp_as_its_search(beauty: dict[str, Tensor]
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A data home with scientific prepared, its cached MiniLM features copied in (as test_mmq)."""
-    if mirror_dir() is None:
-        pytest.skip("no data mirror (../shared/data or REX_DATA_MIRROR)")
-    root = tmp_path_factory.mktemp("rex_data")
-    for cache in {
-        REPO / "data" / FEATURES_DIR,
-        Path(os.environ.get("REX_DATA_HOME", REPO / "data")) / FEATURES_DIR,
-    }:
-        if cache.is_dir():
-            shutil.copytree(cache, root / FEATURES_DIR, dirs_exist_ok=True)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("REX_DATA_HOME", str(root))
-        prepare_dataset("scientific", root=root)
+    """A data home with scientific prepared (see prepared_home)."""
+    with prepared_home(tmp_path_factory, "scientific") as root:
         yield root
 
 
