@@ -19,6 +19,19 @@ from rex.data.mirror import mirror_dir
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker (and the runs it starts) gets its share of the cores:
+    torch's default of one thread per core in every worker oversubscribes them, and its
+    threads then wait on each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def data_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """REX_DATA_HOME for the whole session, with ml-100k and beauty prepared from the mirror.
