@@ -71,17 +71,24 @@ def train(
     ] = None,
 ) -> None:
     """Train a recipe, select on validation, test the best checkpoint."""
-    from rex.engine import train as training
+    from rex.config.recipe import load_recipe
 
     if resume is not None:
         if recipe is not None or overrides or reuse_stages is not None or summary is not None:
             raise RexError(
                 "--resume takes only the run folder: the run's own recipe is reused", file="command line"
             )
-        training.resume(resume)
+        from rex.engine.train import resume as resume_run
+
+        resume_run(resume)
         return
     if recipe is None:
         raise RexError("missing RECIPE: rex train recipes/<name>.yaml [key=value ...]", file="command line")
+    # The recipe's own mistakes (syntax, keys, types, overrides) are reported before the training
+    # stack, whose import takes seconds, is loaded.
+    load_recipe(recipe, overrides or [])
+    from rex.engine import train as training
+
     training.train(recipe, overrides or [], seeds, reuse_stages, summary)
 
 
