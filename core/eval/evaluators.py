@@ -29,9 +29,18 @@ class Evaluator:
     """
 
     reads: tuple[str, ...] = ()
+    decoding: Decoding | None = None
 
     def reset(self) -> None:
-        raise NotImplementedError
+        """Starts a pass. An evaluator with a ``decoding`` clears its accumulators and calls this
+        too, so that the decoding is fitted again (on a model that may have trained since)."""
+        self._decoding_fitted = False
+
+    def fit_decoding_once(self, model: nn.Module, evaluator: str) -> None:
+        """Fits ``decoding`` (if any) on ``model`` at the first batch of a pass."""
+        if self.decoding is not None and not self._decoding_fitted:
+            fit_decoding(self.decoding, model, evaluator)
+            self._decoding_fitted = True
 
     def update(self, model: nn.Module, batch: dict[str, Tensor]) -> None:
         raise NotImplementedError
@@ -144,14 +153,12 @@ class RankingEvaluator(Evaluator):
     def reset(self) -> None:
         self._ranks: list[Tensor] = []
         self._num_items = 0
-        self._fitted = False
         self._searcher: IndexRanker | None = None
+        super().reset()
 
     @torch.no_grad()
     def update(self, model: nn.Module, batch: dict[str, Tensor]) -> None:
-        if self.decoding is not None and not self._fitted:
-            fit_decoding(self.decoding, model, "eval/ranking")
-            self._fitted = True
+        self.fit_decoding_once(model, "eval/ranking")
         if self.index is not None and self._searcher is None:
             cutoffs = [M.parse_metric_name(name)[1] or 1 for name in self.metric_names]
             self._searcher = IndexRanker(self.index, model, max(cutoffs, default=1))

@@ -23,7 +23,6 @@ from rex.eval.evaluators import (
     Decoding,
     Evaluator,
     check_metrics,
-    fit_decoding,
     ranking_metrics,
     trim_left_padding,
 )
@@ -228,7 +227,7 @@ class GenerativeEvaluator(Evaluator):
         self._returned = 0
         self._invalid = 0
         self._duplicate = 0
-        self._fitted = False
+        super().reset()
 
     def trie(self, item_codes: Tensor) -> CodeTrie:
         """The trie of ``item_codes``, rebuilt only when the model's codes tensor changes."""
@@ -245,9 +244,7 @@ class GenerativeEvaluator(Evaluator):
             )
         history, target = batch["history"], batch["target"].long()
         trie = self.trie(item_codes)
-        if self.decoding is not None and not self._fitted:
-            fit_decoding(self.decoding, model, "eval/generative")
-            self._fitted = True
+        self.fit_decoding_once(model, "eval/generative")
         # Rows sorted by history length and searched chunk by chunk, each cut to its own longest
         # history: most histories are short, and a batch padded to its longest one would encode
         # several times more padding than items.
