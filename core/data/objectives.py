@@ -1,5 +1,6 @@
 """Multi-objective retrieval data: the rows ``task/multi_objective`` serves from a ``retrieval``
-view (taobao_mb's view, cart and buy as objectives; see :mod:`rex.data.datasets.behavior`).
+view (taobao_mb's view, cart and buy, or tmall_mb's collect, cart and buy, as objectives; see
+:mod:`rex.data.datasets.behavior`).
 
 The view names its objectives by field role, in funnel order: ``target:<name>`` (a held-out item
 per user, 0 for none) and ``history:<name>`` (the user's known items of that behaviour).
@@ -40,7 +41,7 @@ def objective_fields(view: ViewSpec) -> dict[str, tuple[str, str]]:
     if not names or missing:
         raise DataError(
             "a multi-objective view needs a target:<name> and a history:<name> field per objective "
-            "(taobao_mb's retrieval views have them)",
+            "(the retrieval views of taobao_mb and tmall_mb have them)",
             key="data.view",
         )
     return {name: (by_role[f"history:{name}"], by_role[f"target:{name}"]) for name in names}
