@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -127,24 +129,29 @@ class TwoTower(nn.Module):
         if self.mask is not None:
             self.mask.attach(self, split="towers.0.user")  # type: ignore[operator]
 
+    @property
+    def tower_list(self) -> list[_Towers]:
+        """The towers, typed (to a type checker a ModuleList holds plain Modules)."""
+        return [cast(_Towers, tower) for tower in self.towers]
+
     def item_vectors(self, items: Tensor | None = None) -> Tensor:
         """(num_items, D) (row 0 is padding), or the (..., D) vectors of ``items``; D = dim, or
         K * dim with separate towers."""
-        return torch.cat([tower.item_vectors(items) for tower in self.towers], dim=-1)
+        return torch.cat([tower.item_vectors(items) for tower in self.tower_list], dim=-1)
 
     def objective_vectors(self, batch: dict[str, Tensor]) -> Tensor:
         """(B, K, D): objective k's query of each row."""
         lists = [batch[name] for name in self.lists]
         if self.mask is not None:
-            pooled, plain = self.towers[0].pool(lists), None
+            pooled, plain = self.tower_list[0].pool(lists), None
             queries = []
             for k in range(len(self.objectives)):
                 weights = self.mask.visible(k)  # type: ignore[operator]
                 if not weights and plain is None:
-                    plain = self.towers[0].user(pooled)  # one run for every objective reading all
+                    plain = self.tower_list[0].user(pooled)  # one run for every objective reading all
                 queries.append(self._masked_queries(pooled, k, weights, plain))
             return torch.stack(queries, dim=1)
-        parts = [tower.user_vectors(lists) for tower in self.towers]
+        parts = [tower.user_vectors(lists) for tower in self.tower_list]
         if len(parts) == 1:
             return parts[0]
         # Separate towers: objective k's query fills tower k's block and is zero elsewhere.
@@ -170,7 +177,7 @@ class TwoTower(nn.Module):
         if self.mask is not None:
             # Each objective's query on its own rows only (a cascade stage's batch is all its
             # objective's: the earlier objectives' masked runs are on no rows).
-            pooled, parts = self.towers[0].pool(lists), []
+            pooled, parts = self.tower_list[0].pool(lists), []
             for k in range(len(self.objectives)):
                 rows = (objective == k).nonzero().squeeze(1)
                 weights = self.mask.visible(k)  # type: ignore[operator]
@@ -180,10 +187,10 @@ class TwoTower(nn.Module):
                 out = out.index_put((rows,), own)
             return out
         if len(self.towers) == 1:
-            queries = self.towers[0].user_vectors(lists)
+            queries = self.tower_list[0].user_vectors(lists)
             return queries[torch.arange(len(objective), device=objective.device), objective]
         out = lists[0].new_zeros(len(objective), len(self.towers) * self.dim, dtype=torch.float)
-        for k, tower in enumerate(self.towers):
+        for k, tower in enumerate(self.tower_list):
             # Every tower runs, on no rows if none are its own: all parameters stay in the graph,
             # as data-parallel training expects.
             rows = (objective == k).nonzero().squeeze(1)
@@ -199,7 +206,7 @@ class TwoTower(nn.Module):
         ``weights`` (``mask.visible(k)``: elements of later objectives zeroed), or plainly (their
         output ``plain`` if given) when k reads every element it reaches, as the stage's own
         objective does while it trains."""
-        user = self.towers[0].user
+        user = self.tower_list[0].user
         if weights:
             return functional_call(user, weights, (pooled,))[:, k]
         return (plain if plain is not None else user(pooled))[:, k]
