@@ -24,9 +24,10 @@ from rex.data.lance_io import read_columns
 from rex.data.mirror import mirror_dir
 from rex.data.prepare import prepare_dataset
 from rex.engine.build import build_run
+from rex.engine.export_index import export_index
 from rex.engine.runs import load_checkpoint
 from rex.engine.stages import stage_contexts
-from rex.engine.train import train
+from rex.engine.train import evaluate, train
 from rex.eval.retrieval import RetrievalEvaluator
 from tests.conftest import REPO, run_rex
 
@@ -282,3 +283,20 @@ def test_a_kill_in_the_last_stage_resumes_to_the_same_final_metrics(cascade: Pat
     got = json.loads((run_dir / "metrics.json").read_text())["test"]
     assert got == pytest.approx(expected, abs=1e-6)
     assert set(got) >= {"recall@50:buy", "recall@200:cart", "ndcg@50:view"}
+
+
+def test_retrieval_from_the_vector_index_ranks_as_the_exact_evaluation(cascade: Path, tmp_path: Path) -> None:
+    """Every objective's queries and the fused ones search one index of the item vectors (`rex
+    eval RUN --index PATH`). Refined over at least every item (refine_factor x k >= 11,953), the
+    index returns the exact top items, so each metric must equal the exact evaluation's."""
+    path, settings, rows = export_index(cascade, tmp_path / "items.lance", refine_factor=60)
+    assert settings.kind == "ivf_pq" and rows == 11_953
+    exact = evaluate(cascade)
+    from_index = evaluate(cascade, index=path)  # what `rex eval RUN --index PATH` runs
+    assert exact is not None and from_index is not None
+    assert set(from_index) == set(exact)
+    for objective in ("view", "cart", "buy"):
+        assert f"recall@200:{objective}" in exact and f"recall@200:fused_{objective}" in exact
+    assert sum(exact[name] for name in exact if name.startswith("recall@200")) > 0  # some hits to match
+    for name, value in exact.items():
+        assert from_index[name] == pytest.approx(value, abs=1e-6), name

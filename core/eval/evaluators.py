@@ -220,16 +220,22 @@ class IndexRanker:
         self.num_items = len(items)
 
     def ranks(self, chunk: dict[str, Tensor], seen: Tensor | None) -> Tensor:
-        """(B,) the 0-based rank of each row's target among the index's top ``k`` items that are
-        not in ``seen`` (B, S); ``num_items``, never a hit, for a target outside them."""
+        """(B,) the 0-based rank of each row's target among the index's top ``k`` items for the
+        row's ``user_vectors`` that are not in ``seen`` (B, S); ``num_items``, never a hit, for a
+        target outside them."""
+        return self.query_ranks(self.model.user_vectors(chunk), chunk["target"], seen)
+
+    def query_ranks(self, queries: Tensor, target: Tensor, seen: Tensor | None) -> Tensor:
+        """:meth:`ranks` for given ``queries`` (B, D) and ``target`` (B,): a multi-objective
+        model's per-objective queries search the same index of its items."""
         from rex.eval.vector_index import retrieved_ranks
 
-        queries = self.model.user_vectors(chunk).detach().float().cpu().numpy()
-        excluded = seen.cpu().numpy() if seen is not None else np.zeros((len(queries), 0), dtype=np.int64)
+        found = queries.detach().float().cpu().numpy()
+        excluded = seen.cpu().numpy() if seen is not None else np.zeros((len(found), 0), dtype=np.int64)
         # Over-fetch by the most items a row excludes, so k remain once they are dropped.
-        retrieved = self.index.search(queries, self.k + excluded.shape[1])
-        target = chunk["target"].cpu().numpy()
-        return torch.from_numpy(retrieved_ranks(retrieved, target, excluded, self.k, self.num_items))
+        retrieved = self.index.search(found, self.k + excluded.shape[1])
+        ranks = retrieved_ranks(retrieved, target.cpu().numpy(), excluded, self.k, self.num_items)
+        return torch.from_numpy(ranks)
 
 
 def ranking_metrics(ranks: Tensor, names: list[str], num_items: int | None) -> dict[str, float]:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from rex.config.errors import RecipeError
 from rex.config.registry import register
 from rex.eval import metrics as M
-from rex.eval.evaluators import Evaluator, check_metrics, ranking_metrics, trim_left_padding
+from rex.eval.evaluators import Evaluator, IndexRanker, check_metrics, ranking_metrics, trim_left_padding
 from rex.eval.gather import gather_rows
 
 
@@ -73,7 +73,10 @@ class RetrievalEvaluator(Evaluator):
     ``fusion`` (objective -> weight, default equal) weighs the objectives' log-probabilities in
     the fused ranking, which the plain metrics report; ``METRIC:<objective>`` is each objective's
     own ranking. Items the user already has in an objective's behaviour are excluded from its
-    ranking (``exclude_seen``). Users are scored ``chunk_rows`` at a time.
+    ranking (``exclude_seen``). Users are scored ``chunk_rows`` at a time. ``index`` (a table
+    written by ``rex export-index`` from this model) ranks every objective's and the fused
+    queries from the index's top items instead, as ``eval/ranking``'s ``index`` does: the
+    metrics of serving from it, where a target outside its top ``k`` (the largest cut-off) is a miss.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class RetrievalEvaluator(Evaluator):
         fusion: dict[str, float] | None = None,
         exclude_seen: bool = True,
         chunk_rows: int = 256,
+        index: str | None = None,
     ) -> None:
         self.metric_names = check_metrics(metrics, list(M.RANKING_METRICS), "eval/retrieval")
         self.targets = {
@@ -96,20 +100,28 @@ class RetrievalEvaluator(Evaluator):
         fusion_weights(list(self.targets), fusion)  # a bad name fails at build, not mid-run
         self.exclude_seen = exclude_seen
         self.chunk_rows = chunk_rows
+        self.index = index
         self.reset()
 
     def reset(self) -> None:
         self._ranks: dict[str, list[Tensor]] = {}
         self._num_items = 0
+        self._searcher: IndexRanker | None = None
 
     def _rank(self, key: str, queries: Tensor, items: Tensor, chunk: dict[str, Tensor], name: str) -> None:
         """The 0-based ranks of objective ``name``'s held-out items under ``queries`` (rows with one)."""
         target = chunk[self.targets[name]]
         rows = (target > 0).nonzero().squeeze(1)
+        seen = trim_left_padding(chunk[f"seen_{name}"].index_select(0, rows)) if self.exclude_seen else None
+        if self._searcher is not None:
+            ranks = self._searcher.query_ranks(
+                queries.index_select(0, rows), target.index_select(0, rows), seen
+            )
+            self._ranks.setdefault(key, []).append(ranks)
+            return
         scores = queries.index_select(0, rows).float() @ items.T
         scores[:, 0] = -torch.inf
-        if self.exclude_seen:
-            seen = trim_left_padding(chunk[f"seen_{name}"].index_select(0, rows))
+        if seen is not None:
             scores.scatter_(1, seen, -torch.inf)
         self._ranks.setdefault(key, []).append(M.target_rank(scores, target.index_select(0, rows)).cpu())
 
@@ -127,6 +139,9 @@ class RetrievalEvaluator(Evaluator):
         if objectives != list(self.targets):
             raise ValueError(f"the model's objectives {objectives} are not the data's {list(self.targets)}")
         weights = fusion_weights(objectives, self.fusion)
+        if self.index is not None and self._searcher is None:
+            cutoffs = [M.parse_metric_name(name)[1] or 1 for name in self.metric_names]
+            self._searcher = IndexRanker(self.index, model, max(cutoffs, default=1))
         items = retriever.item_vectors().float()
         self._num_items = items.shape[0]
         rows = next(iter(batch.values())).shape[0]
