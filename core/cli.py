@@ -183,7 +183,7 @@ def export_index(
     )
     shown = ", ".join(f"{k}={v}" for k, v in vars(settings).items() if v is not None and k != "kind")
     out.print(
-        f"wrote {rows:,} item vectors with a {settings.kind} index ({shown}) to {path}",
+        f"wrote {rows:,} item vectors with an index ({settings.kind}: {shown}) to {path}",
         markup=False,
         highlight=False,
         soft_wrap=True,
