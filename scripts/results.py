@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -644,8 +645,10 @@ def run_usd() -> list[str]:
     return failed
 
 
-def usd_lines(seeds: int) -> list[str]:
-    """The USD section: each source's test metrics without and with the decoding."""
+def usd_lines(seeds: int, published: str) -> list[str]:
+    """The USD section: each source's test metrics without and with the decoding; a source
+    with no results here keeps its ``published`` rows."""
+    old_rows = _rows(published, key_cells=3)
     lines = [f"## {USD_SECTION}", "", NOTES[USD_SECTION], ""]
     lines += [
         f"| dataset | model | decoding | {' | '.join(USD_METRICS)} | settings chosen | command |",
@@ -665,6 +668,10 @@ def usd_lines(seeds: int) -> list[str]:
         stage = f" {source.stage}" if source.stage else ""
         command = f"`python scripts/usd_eval.py SEED_DIR{stage} OUT.json`"
         for side, name in (("test_plain", "plain"), ("test_usd", "USD")):
+            kept = old_rows.get(f"{source.dataset} | {source.entry_label} | {name}")
+            if not results and kept:
+                lines.append(kept)  # run elsewhere; kept as published
+                continue
             cells = [_cell([r[side][m] for r in results]) for m in USD_METRICS]
             settings = (chosen or "—") if side == "test_usd" else ""
             lines.append(
@@ -749,13 +756,18 @@ def _sections(text: str) -> dict[str, str]:
     return {block.split("\n", 1)[0]: "## " + block.rstrip("\n") + "\n" for block in blocks}
 
 
-def _rows(section: str) -> dict[str, str]:
-    """A section's table rows by model label."""
-    return {
-        line.split("|")[1].strip(): line
-        for line in section.splitlines()
-        if line.startswith("| ") and not line.startswith("| model ")
-    }
+SEED_COUNT = re.compile(r" \(\d+ seeds?\)$")
+
+
+def _rows(section: str, key_cells: int = 1) -> dict[str, str]:
+    """A section's table rows by their first ``key_cells`` cells (the model label; dataset,
+    model and decoding for USD), a published row's seed count left out of the key."""
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith(("| model ", "| dataset ")):
+            cells = [SEED_COUNT.sub("", cell.strip()) for cell in line.split("|")[1 : 1 + key_cells]]
+            rows[" | ".join(cells)] = line
+    return rows
 
 
 def write_table(seeds: int) -> None:
@@ -801,7 +813,7 @@ def write_table(seeds: int) -> None:
                 f"| {entry.label}{short} | {entry.role} | {' | '.join(cells)} | {wall} | {command} |"
             )
         lines.append("")
-    lines += usd_lines(seeds)
+    lines += usd_lines(seeds, kept.get(USD_SECTION, ""))
     TABLE.parent.mkdir(parents=True, exist_ok=True)
     tmp = TABLE.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines))
