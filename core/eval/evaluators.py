@@ -160,8 +160,7 @@ class RankingEvaluator(Evaluator):
     def update(self, model: nn.Module, batch: dict[str, Tensor]) -> None:
         self.fit_decoding_once(model, "eval/ranking")
         if self.index is not None and self._searcher is None:
-            cutoffs = [M.parse_metric_name(name)[1] or 1 for name in self.metric_names]
-            self._searcher = IndexRanker(self.index, model, max(cutoffs, default=1))
+            self._searcher = IndexRanker.for_metrics(self.index, model, self.metric_names)
         rows = batch["target"].shape[0]
         for start in range(0, rows, self.chunk_rows):
             chunk = {name: value[start : start + self.chunk_rows] for name, value in batch.items()}
@@ -219,6 +218,12 @@ class IndexRanker:
             )
         self.num_items = len(items)
 
+    @classmethod
+    def for_metrics(cls, path: str, model: nn.Module, metric_names: list[str]) -> IndexRanker:
+        """A ranker that keeps the top items the largest cut-off of ``metric_names`` needs."""
+        cutoffs = [M.parse_metric_name(name)[1] or 1 for name in metric_names]
+        return cls(path, model, max(cutoffs, default=1))
+
     def ranks(self, chunk: dict[str, Tensor], seen: Tensor | None) -> Tensor:
         """(B,) the 0-based rank of each row's target among the index's top ``k`` items for the
         row's ``user_vectors`` that are not in ``seen`` (B, S); ``num_items``, never a hit, for a
@@ -230,10 +235,10 @@ class IndexRanker:
         model's per-objective queries search the same index of its items."""
         from rex.eval.vector_index import retrieved_ranks
 
-        found = queries.detach().float().cpu().numpy()
-        excluded = seen.cpu().numpy() if seen is not None else np.zeros((len(found), 0), dtype=np.int64)
+        vectors = queries.detach().float().cpu().numpy()
+        excluded = seen.cpu().numpy() if seen is not None else np.zeros((len(vectors), 0), dtype=np.int64)
         # Over-fetch by the most items a row excludes, so k remain once they are dropped.
-        retrieved = self.index.search(found, self.k + excluded.shape[1])
+        retrieved = self.index.search(vectors, self.k + excluded.shape[1])
         ranks = retrieved_ranks(retrieved, target.cpu().numpy(), excluded, self.k, self.num_items)
         return torch.from_numpy(ranks)
 

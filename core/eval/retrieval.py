@@ -110,20 +110,18 @@ class RetrievalEvaluator(Evaluator):
 
     def _rank(self, key: str, queries: Tensor, items: Tensor, chunk: dict[str, Tensor], name: str) -> None:
         """The 0-based ranks of objective ``name``'s held-out items under ``queries`` (rows with one)."""
-        target = chunk[self.targets[name]]
-        rows = (target > 0).nonzero().squeeze(1)
+        rows = (chunk[self.targets[name]] > 0).nonzero().squeeze(1)
+        target, own = chunk[self.targets[name]].index_select(0, rows), queries.index_select(0, rows)
         seen = trim_left_padding(chunk[f"seen_{name}"].index_select(0, rows)) if self.exclude_seen else None
         if self._searcher is not None:
-            ranks = self._searcher.query_ranks(
-                queries.index_select(0, rows), target.index_select(0, rows), seen
-            )
-            self._ranks.setdefault(key, []).append(ranks)
-            return
-        scores = queries.index_select(0, rows).float() @ items.T
-        scores[:, 0] = -torch.inf
-        if seen is not None:
-            scores.scatter_(1, seen, -torch.inf)
-        self._ranks.setdefault(key, []).append(M.target_rank(scores, target.index_select(0, rows)).cpu())
+            ranks = self._searcher.query_ranks(own, target, seen)
+        else:
+            scores = own.float() @ items.T
+            scores[:, 0] = -torch.inf
+            if seen is not None:
+                scores.scatter_(1, seen, -torch.inf)
+            ranks = M.target_rank(scores, target).cpu()
+        self._ranks.setdefault(key, []).append(ranks)
 
     @torch.no_grad()
     def update(self, model: nn.Module, batch: dict[str, Tensor]) -> None:
@@ -140,8 +138,7 @@ class RetrievalEvaluator(Evaluator):
             raise ValueError(f"the model's objectives {objectives} are not the data's {list(self.targets)}")
         weights = fusion_weights(objectives, self.fusion)
         if self.index is not None and self._searcher is None:
-            cutoffs = [M.parse_metric_name(name)[1] or 1 for name in self.metric_names]
-            self._searcher = IndexRanker(self.index, model, max(cutoffs, default=1))
+            self._searcher = IndexRanker.for_metrics(self.index, model, self.metric_names)
         items = retriever.item_vectors().float()
         self._num_items = items.shape[0]
         rows = next(iter(batch.values())).shape[0]
