@@ -48,6 +48,23 @@ def test_parallel_quantizer_gives_each_item_one_token_per_codebook_and_learns() 
         ParallelQuantizer(8, levels=0)
 
 
+def test_split_latent_experts_each_read_only_their_own_slice() -> None:
+    torch.manual_seed(0)
+    quantizer = ParallelQuantizer(9, levels=3, codes=8, split_latent=True)
+    quantizer.train()
+    quantizer(torch.randn(64, 9))  # k-means initialisation of every codebook
+    quantizer.eval()
+    latent = torch.randn(32, 9)
+    _, codes, _ = quantizer(latent)
+    moved = latent.clone()
+    moved[:, 3:6] += 5 * torch.randn(32, 3)  # the middle expert's slice only
+    _, moved_codes, _ = quantizer(moved)
+    assert torch.equal(codes[:, [0, 2]], moved_codes[:, [0, 2]])
+    assert not torch.equal(codes[:, 1], moved_codes[:, 1])
+    with pytest.raises(ValueError, match="split_latent"):
+        ParallelQuantizer(2, levels=3, split_latent=True)
+
+
 def test_dpo_is_log_2_at_the_reference_and_prefers_the_chosen_path() -> None:
     loss = DirectPreference(beta=0.5)
     chosen = torch.zeros(3, requires_grad=True)
