@@ -32,7 +32,11 @@ CTR = ("auc", "gauc", "logloss")
 RANKING = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
 # The embedding-collapse measure beside them, for the feature-interaction papers' rows.
 CTR_ABUNDANCE = (*CTR, "abundance")
-SCENARIOS = ("auc", "gauc", "sparse_auc", "auc:beauty", "auc:sports")
+SCENARIOS = tuple(
+    f"{metric}{scenario}"
+    for scenario in ("", ":beauty", ":sports")
+    for metric in ("auc", "gauc", "sparse_auc")
+)
 
 
 def objective_metrics(*objectives: str) -> tuple[str, ...]:
