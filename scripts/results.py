@@ -503,7 +503,9 @@ NOTES = {
         "embedding of the (user, item) pair is learnt from training pairs, which 10 of the 30,898 "
         "test rows repeat. None was tuned; abundance 10 at most. DEA does not beat the baselines "
         "here (AUC 0.6142 against DeepFM's 0.6218, within about one std of each other), and "
-        "neither ablation costs it anything: with one pair, there is little to interact."
+        "neither ablation costs it anything: with one pair, there is little to interact. DGenCTR "
+        "is the best row (AUC 0.6290, 0.0072 above DeepFM), and its diffusion pre-training adds "
+        "0.0047 AUC over the same backbone from scratch, about one std."
     ),
     "ml-100k-long": (
         "MovieLens-100K CTR (rating >= 4 is a click) with each row's history: the user's movies rated "
