@@ -531,12 +531,13 @@ NOTES = {
         "on the user and item fields; no SIM row, since Taobao ships no item content or category "
         "to group by. None was tuned. Here the long history helps: DIN over all of it beats "
         "DIN over 50 items (AUC 0.6391 against 0.6363), and LREA keeps that gain (0.6398, the "
-        "issue's bar is within 0.005 of full DIN) in 48 s of training per seed against DIN's 681; "
+        "issue's bar is within 0.005 of full DIN), training in 48 s a seed (DIN's 681 s ran under "
+        "more load, so that ratio overstates LREA's gain; benchmarks/lrea.py measures speed); "
         "by gAUC the three are within about two stds, DIN over 50 items highest (0.6367). "
         "Neither ablation costs LREA anything: rank 256 (full rank at this length) is level "
         "(0.6409) at 11 times the time, and so is dropping the non-negativity loss (0.6396). "
         "The LREA rows ran as two jobs on the two cores; the DIN rows shared them with one or "
-        "two other jobs, so their times are inflated somewhat."
+        "two other jobs."
     ),
     "amazon_multidomain, multi-scenario": (
         "Amazon Beauty and Sports (5-core) as two scenarios of one CTR task: a row per position "
