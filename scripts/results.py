@@ -349,7 +349,8 @@ ENTRIES = [
             ("separate towers", "baseline", "two_tower_separate.yaml"),
             ("shared-bottom two tower", "baseline", "two_tower_shared_bottom.yaml"),
             ("MMoE two tower", "baseline", "two_tower_mmoe.yaml"),
-            ("CSMF (over shared-bottom)", "paper", "csmf.yaml"),
+            ("CSMF (over shared-bottom)", "paper", "csmf_recovery.yaml"),
+            ("CSMF − accuracy recovery", "ablation", "csmf.yaml"),
         )
     ),
     *(
@@ -365,7 +366,8 @@ ENTRIES = [
             ("separate towers", "baseline", "two_tower_separate_tmall.yaml"),
             ("shared-bottom two tower", "baseline", "two_tower_shared_bottom_tmall.yaml"),
             ("MMoE two tower", "baseline", "two_tower_mmoe_tmall.yaml"),
-            ("CSMF (over shared-bottom)", "paper", "csmf_tmall.yaml"),
+            ("CSMF (over shared-bottom)", "paper", "csmf_recovery_tmall.yaml"),
+            ("CSMF − accuracy recovery", "ablation", "csmf_tmall.yaml"),
         )
     ),
     *(

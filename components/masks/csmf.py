@@ -27,9 +27,13 @@ Our reading of the paper, kept to its simplest faithful form:
   first objective's and is frozen after its stage, and serving keeps one item index.
 * **Freed elements are pruned for the earlier objectives, not reset.** From the release on, an
   objective reads its freed elements as zero (the paper's pruning); the next objective starts
-  from their trained values. The paper then fine-tunes the kept elements on the first
-  objective's data to recover its accuracy; we skip that recovery step, so an objective's
-  outputs change once, at its release, and never after.
+  from their trained values.
+* **Accuracy recovery is a stage, not a mode.** The paper then fine-tunes the kept elements on
+  the objective's own data to win back what the pruning cost. The same mask does it: a stage of
+  the same objective over the released ownership trains exactly the elements it kept, reads the
+  freed ones as zero, and passes the ownership on as it is (``export: {csmf_owner:
+  mask.owner}``; ``recipes/csmf_recovery.yaml``). An objective's outputs then change at its
+  release and through its recovery, and never after.
 
 The stages pass the ownership on through the core's exports: a stage's ``export:
 {csmf_owner: mask.release}`` writes it, and the next stage's ``mask/csmf`` receives it by name.
