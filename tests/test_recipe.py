@@ -103,6 +103,47 @@ def test_extends_cycle_is_reported(tmp_path):
         load_recipe(path)
 
 
+STAGED = (
+    BASE
+    + """
+stages:
+  - name: pretrain
+    train: {lr: 0.01, max_epochs: 3}
+  - name: tune
+    init_from: {stage: pretrain, modules: {model: model}}
+    model: {encoder: {_component_: encoder/transformer, num_layers: 2, dropout: 0.3}}
+    train: {lr: 0.001, max_epochs: 5}
+  - name: dropped
+    train: {max_epochs: 1}
+"""
+)
+
+
+def test_a_variant_merges_stages_by_name(tmp_path):
+    write(tmp_path, "base.yaml", STAGED)
+    path = write(
+        tmp_path,
+        "variant.yaml",
+        """extends: base.yaml
+stages:
+  - name: pretrain
+  - name: extra
+    init_from: {stage: pretrain, modules: {model: model}}
+    train: {max_epochs: 2}
+  - name: tune
+    init_from: {stage: extra, modules: {model: model}}
+    model: {encoder: {_component_: encoder/transformer, num_layers: 1}}
+""",
+    )
+    stages = {s["name"]: s for s in load_recipe(path).resolved["stages"]}
+    assert list(stages) == ["pretrain", "extra", "tune"]  # the variant's order; unlisted ones go
+    assert stages["pretrain"]["train"] == {"lr": 0.01, "max_epochs": 3}
+    assert stages["tune"]["train"] == {"lr": 0.001, "max_epochs": 5}  # kept from the base
+    assert stages["tune"]["init_from"]["stage"] == "extra"
+    # A key the variant sets replaces the base stage's whole: no dropout merged in from it.
+    assert stages["tune"]["model"]["encoder"] == {"_component_": "encoder/transformer", "num_layers": 1}
+
+
 def test_bad_override_paths(tmp_path):
     path = write(tmp_path, "r.yaml", BASE)
     with pytest.raises(

@@ -1,8 +1,9 @@
 """Recipe loading: YAML in, a validated :class:`Recipe` and its resolved dict out.
 
 This is the only module that parses recipe YAML. It handles ``extends:`` (one base or a list,
-merged in order, paths relative to the recipe), ``${...}`` interpolation and command-line dotlist
-overrides, and turns every failure into a :class:`RecipeError` naming the file and key path.
+merged in order, paths relative to the recipe; ``stages:`` merge by stage name), ``${...}``
+interpolation and command-line dotlist overrides, and turns every failure into a
+:class:`RecipeError` naming the file and key path.
 """
 
 from __future__ import annotations
@@ -112,8 +113,38 @@ def _load_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
                 file=_display(path),
                 key=f"extends[{i}]" if len(bases) > 1 else "extends",
             )
-        merged = OmegaConf.merge(merged, _load_with_bases(base_path, (*chain, path)))  # type: ignore[assignment]
-    return OmegaConf.merge(merged, node)  # type: ignore[return-value]
+        merged = _merge_over(merged, _load_with_bases(base_path, (*chain, path)))
+    return _merge_over(merged, node)
+
+
+def _merge_over(base: DictConfig, node: DictConfig) -> DictConfig:
+    """``node`` merged over ``base``. Its ``stages:`` list gives the cascade's order, and an entry
+    named like a base stage keeps each of that stage's keys it does not set, so a variant restates
+    only what it changes (``- name: cart`` keeps the base's cart as it is). A key it sets replaces
+    the base stage's whole, unmerged: a stage's mappings hold values such as fusion weights,
+    where a deep merge would keep the base's entries."""
+    base_stages, node_stages = base.get("stages"), node.get("stages")
+    if isinstance(base_stages, ListConfig) and isinstance(node_stages, ListConfig):
+        inherited = {
+            stage["name"]: stage
+            for stage in _plain_list(base_stages)
+            if isinstance(stage, dict) and "name" in stage
+        }
+        node = node.copy()
+        node["stages"] = [
+            {**inherited[stage["name"]], **stage}
+            if isinstance(stage, dict) and stage.get("name") in inherited
+            else stage
+            for stage in _plain_list(node_stages)
+        ]
+    return OmegaConf.merge(base, node)  # type: ignore[return-value]
+
+
+def _plain_list(node: ListConfig) -> list[Any]:
+    """A list node as plain Python, its ``${...}`` left for the merged recipe to resolve."""
+    plain = OmegaConf.to_container(node, resolve=False)
+    assert isinstance(plain, list)
+    return plain
 
 
 def _apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
