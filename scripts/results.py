@@ -447,9 +447,11 @@ NOTES = {
                 "22,363 users, 12,101 items",
                 " HeterRec is below SASRec here (test NDCG@10 0.0437 against 0.0562): its "
                 "validation NDCG@10 peaks at 0.055-0.056 (epochs 15-19 of its 34, patience 3 then "
-                "stops it), SASRec's at 0.067 (epochs 42-48). The listwise multi-step loss costs it: "
-                "with one step (next item only) HeterRec reaches 0.0486 (validation peak 0.060-0.062, epochs 14-17), "
-                "above GRU4Rec's 0.0467 and still below SASRec. SASRec's s / seed mixes loads: its "
+                "stops it), SASRec's at 0.067 (epochs 42-48). Neither HeterRec module helps here: "
+                "with one prediction step (next item only) it reaches 0.0486 (validation peak "
+                "0.060-0.062, epochs 14-17), and with item-level attention only (no token-level "
+                "encoder) 0.0500 (peak 0.060-0.061, epochs 21-24); both are above GRU4Rec's 0.0467 "
+                "and below SASRec. SASRec's s / seed mixes loads: its "
                 "first seed ran beside heavier jobs (4,893 s); the GRU4Rec and steps=1 rows shared "
                 "the cores with the test suite for about 25 minutes.",
             ),
