@@ -436,8 +436,10 @@ NOTES = {
             "it). Item attributes are the S3-Rec release's attribute ids (categories and brand): "
             "HeterRec flattens them into tokens, SASRec + attributes concatenates their mean embedding to "
             "the item's (then a linear map). Every row keeps its recipe's own settings (64 wide, Adam, batch "
-            "256), each set to finish within 30 minutes on the 2-core machine: SASRec, BERT4Rec and GRU4Rec up "
-            "to 50 epochs, SASRec + attributes 44 and HeterRec 34 (each SASRec's 50-epoch wall time), with early stopping on "
+            "256), each set to finish within 30 minutes on the 2-core machine: SASRec and GRU4Rec up "
+            "to 50 epochs, BERT4Rec 70, SASRec + attributes 44 and HeterRec 34 (each SASRec's 50-epoch "
+            "wall time, measured side by side; GRU4Rec's 50 take less, but its validation peaks "
+            "before them), with early stopping on "
             f"validation NDCG@10. None was tuned on test.{finding}"
         )
         for name, title, size, finding in (
