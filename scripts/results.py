@@ -453,7 +453,9 @@ NOTES = {
                 "with one prediction step (next item only) it reaches 0.0486 (validation peak "
                 "0.060-0.062, epochs 14-17), and with item-level attention only (no token-level "
                 "encoder) 0.0500 (peak 0.060-0.061, epochs 21-24); both are above GRU4Rec's 0.0467 "
-                "and below SASRec. SASRec's s / seed mixes loads: its "
+                "and below SASRec. SASRec + attributes is below SASRec too (0.0526): at its 44-epoch "
+                "cap its validation (0.065) was still rising slowly, but below SASRec's at the same "
+                "epoch (0.066-0.067). SASRec's s / seed mixes loads: its "
                 "first seed ran beside heavier jobs (4,893 s); the GRU4Rec and steps=1 rows shared "
                 "the cores with the test suite for about 25 minutes.",
             ),
