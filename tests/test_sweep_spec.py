@@ -9,7 +9,9 @@ import pytest
 import yaml
 
 from rex.config.errors import RecipeError
+from rex.config.recipe import load_recipe
 from rex.sweep.space import check_space, make_sampler, sample
+from rex.sweep.spec import override
 from rex.sweep.study import prepare
 from tests.conftest import REPO, run_rex
 
@@ -116,6 +118,25 @@ def test_bad_search_space(data_home, tmp_path, param, key, message):
     assert err.file == str(tmp_path / "spec.yaml")
     assert err.key == key
     assert message in err.detail
+
+
+def test_a_list_entry_is_searched_by_its_index(data_home, tmp_path):
+    """A loss's weight is named as in a dotlist override, ``losses.0.weight``; an index past
+    the list's end is an error like any missing key."""
+    prep = prepare(
+        _spec(tmp_path, params={"losses.0.weight": {"type": "categorical", "choices": [0.5, 2.0]}}),
+        [],
+        None,
+        None,
+        1,
+    )
+    trial = optuna.create_study().ask()
+    values = sample(trial, prep.spec, prep.base.resolved)
+    assert values == {"losses.0.weight": trial.params["losses.0.weight"]}
+    trial_recipe = load_recipe(REPO / "recipes" / "deepfm.yaml", [override(k, v) for k, v in values.items()])
+    assert trial_recipe.recipe.losses[0]["weight"] == values["losses.0.weight"]
+    err = _error(tmp_path, params={"losses.1.weight": {"type": "float", "low": 0.1, "high": 1.0}})
+    assert err.key == "params.losses.1.weight" and "losses.1 is not a section" in err.detail
 
 
 def test_wrong_direction_and_unknown_metric(data_home, tmp_path):

@@ -27,11 +27,16 @@ COMPONENT_SECTIONS = ("model", "losses")
 
 
 def _get(tree: Any, key: str) -> tuple[bool, Any]:
+    """The node at a dotted key, where a number indexes a list (``losses.1.weight``), as in
+    a dotlist override."""
     node = tree
     for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
             return False, None
-        node = node[part]
     return True, node
 
 
