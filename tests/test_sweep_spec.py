@@ -121,10 +121,16 @@ def test_bad_search_space(data_home, tmp_path, param, key, message):
 
 
 def test_a_list_entry_is_searched_by_its_index(data_home, tmp_path):
-    """A loss's weight is named as in a dotlist override, ``losses.0.weight``; an index past
-    the list's end is an error like any missing key."""
+    """A loss's weight is named as in a dotlist override, ``losses.0.weight`` (here of an
+    optional loss, whose core-level keys the check must not pass to the component); an index
+    past the list's end is an error like any missing key."""
+    optional_loss = "losses=[{_component_: loss/bce, weight: 1.0, optional: true}]"
     prep = prepare(
-        _spec(tmp_path, params={"losses.0.weight": {"type": "categorical", "choices": [0.5, 2.0]}}),
+        _spec(
+            tmp_path,
+            overrides=[*GOOD["overrides"], optional_loss],
+            params={"losses.0.weight": {"type": "categorical", "choices": [0.5, 2.0]}},
+        ),
         [],
         None,
         None,

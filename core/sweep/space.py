@@ -91,6 +91,7 @@ def check_space(
     from rex.config.registry import build, load_plugins
     from rex.data.datamodule import RexDataModule
     from rex.data.prepare import ensure_dataset
+    from rex.engine.build import LOSS_KEYS
 
     load_plugins(base.recipe.plugins)
     context = RexDataModule(base.recipe, ensure_dataset(base.recipe.data.name), 0).context()
@@ -126,7 +127,7 @@ def check_space(
                 try:
                     build(probe.recipe.model, "model", context)
                     for i, node in enumerate(probe.recipe.losses or []):
-                        build({k: v for k, v in node.items() if k != "weight"}, f"losses[{i}]", context)
+                        build({k: v for k, v in node.items() if k not in LOSS_KEYS}, f"losses[{i}]", context)
                 except RecipeError as exc:
                     raise _probe_error(exc, spec_file, where, value) from exc
 
