@@ -36,7 +36,8 @@ class TargetAttention(nn.Module):
         self.dim = dim
         self.softmax = softmax
         self.mlp = MLP(4 * dim, hidden, activation=activation)
-        self.score = nn.Linear(self.mlp.out_dim, 1)
+        # A softmax is shift-invariant, so a bias on its scores would never learn.
+        self.score = nn.Linear(self.mlp.out_dim, 1, bias=not softmax)
 
     def forward(self, target: Tensor, history: Tensor, mask: Tensor | None = None) -> Tensor:
         t = target.unsqueeze(1).expand_as(history)
