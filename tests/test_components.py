@@ -204,6 +204,21 @@ def test_target_attention_shapes_and_grad(softmax: bool) -> None:
     assert_all_grads(att)
 
 
+def test_softmax_target_attention_loads_a_checkpoint_with_the_old_score_bias() -> None:
+    att = TargetAttention(dim=4, hidden=[8], softmax=True).eval()
+    target, history = torch.randn(3, 4), torch.randn(3, 5, 4)
+    old = {**att.state_dict(), "score.bias": torch.tensor([0.7])}
+    restored = TargetAttention(dim=4, hidden=[8], softmax=True).eval()
+    restored.load_state_dict(old)
+    torch.testing.assert_close(restored(target, history), att(target, history))
+    # DIN's unnormalised scores keep their bias, and a checkpoint must hold it.
+    din = TargetAttention(dim=4, hidden=[8]).state_dict()
+    with pytest.raises(RuntimeError, match="score.bias"):
+        TargetAttention(dim=4, hidden=[8]).load_state_dict(
+            {k: v for k, v in din.items() if k != "score.bias"}
+        )
+
+
 @pytest.mark.parametrize("softmax", [False, True])
 def test_target_attention_ignores_padded_positions(softmax: bool) -> None:
     att = TargetAttention(dim=4, softmax=softmax).eval()

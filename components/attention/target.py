@@ -38,6 +38,8 @@ class TargetAttention(nn.Module):
         self.mlp = MLP(4 * dim, hidden, activation=activation)
         # A softmax is shift-invariant, so a bias on its scores would never learn.
         self.score = nn.Linear(self.mlp.out_dim, 1, bias=not softmax)
+        if softmax:
+            self._register_load_state_dict_pre_hook(_drop_unused_score_bias)
 
     def forward(self, target: Tensor, history: Tensor, mask: Tensor | None = None) -> Tensor:
         t = target.unsqueeze(1).expand_as(history)
@@ -53,3 +55,9 @@ class TargetAttention(nn.Module):
             # Zeroes masked positions, and the uniform weights of an all-masked softmax row.
             weights = weights * mask.to(weights.dtype)
         return torch.einsum("bl,bld->bd", weights, history)
+
+
+def _drop_unused_score_bias(state_dict: dict[str, Tensor], prefix: str, *args: object) -> None:
+    """Checkpoints written before the softmax scores lost their bias still load: that bias never
+    changed the output."""
+    state_dict.pop(f"{prefix}score.bias", None)
