@@ -425,6 +425,7 @@ USD_SOURCES = [
     DecodingSource("scientific", "sasrec", "SASRec"),
     DecodingSource("beauty", "sasrec", "SASRec (the collaborative stage)", "collaborative"),
     DecodingSource("beauty", "tiger", "TIGER (collaborative IDs)", "recommender"),
+    DecodingSource("sports", "sasrec", "SASRec", section="sports-heterrec"),
 ]
 
 
