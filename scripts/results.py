@@ -747,6 +747,11 @@ def run_usd() -> list[str]:
     return failed
 
 
+def seed_count(found: int, seeds: int) -> str:
+    """The label suffix of a row with some but not all of its seeds, such as " (2 seeds)"."""
+    return f" ({found} seed{'s' * (found > 1)})" if found and found != seeds else ""
+
+
 def usd_lines(seeds: int, published: str) -> list[str]:
     """The USD section: each source's test metrics without and with the decoding; a source
     with no results here keeps its ``published`` rows."""
@@ -760,9 +765,7 @@ def usd_lines(seeds: int, published: str) -> list[str]:
         results = [
             json.loads(f.read_text()) for f in sorted(USD.glob(f"{source.dataset}-{source.model}-*.json"))
         ]
-        short = (
-            f" ({len(results)} seed{'s' * (len(results) > 1)})" if results and len(results) != seeds else ""
-        )
+        short = seed_count(len(results), seeds)
         chosen = "; ".join(
             "k {k}, mix {mix}, weight {weight}".format(
                 k=r["chosen"]["cluster"]["k"], mix=r["chosen"]["mix"], weight=r["chosen"]["entropy_weight"]
@@ -912,7 +915,7 @@ def write_table(seeds: int) -> None:
             if entry.stage:
                 command += f", stage {entry.stage}"
             cells = [_cell([t[m] for t in tests if m in t]) for m in metrics]
-            short = f" ({len(tests)} seed{'s' * (len(tests) > 1)})" if tests and len(tests) != seeds else ""
+            short = seed_count(len(tests), seeds)
             lines.append(
                 f"| {entry.label}{short} | {entry.role} | {' | '.join(cells)} | {wall} | {command} |"
             )
