@@ -146,21 +146,42 @@ def test_a_token_never_sees_a_later_items_tokens() -> None:
     assert not torch.allclose(later[:, 2:], after[:, 2:])
 
 
-def test_token_level_in_length_groups_equals_one_pass_over_the_whole_width() -> None:
-    model = _heterrec().eval()
-    items = torch.tensor(
-        [[1, 2, 3, 4, 6, 7, 8, 9], [0, 0, 0, 3, 4, 5, 6, 7], [0, 0, 0, 0, 0, 2, 5, 6], [0] * 7 + [11]]
-    )
-    x, present = model.tokens(items)
+def _dense_encode(model: HeterRec, items: torch.Tensor) -> torch.Tensor:
+    """The definition, in eval mode: every item's K token slots embedded, (B, L, K, dim), one
+    token-level pass over all L·K of them under the hierarchical mask, the mean over each item's
+    present tokens, then the item encoder."""
+    assert model.position_embedding is not None
+    embedded = torch.cat([model.item_embedding(items)[:, :, None], model.attribute_tokens(items)], dim=2)
+    positions = model.positions(model.position_embedding, items.shape[1], items.device)
+    x = embedded * model.dim**0.5 + model.slot_embedding.weight + positions[:, None]
+    present = torch.cat([items[:, :, None] > 0, model.attribute_tokens.ids(items) > 0], dim=2)
     x = x.masked_fill(~present[..., None], 0.0)
     b, length, k, dim = x.shape
-    assert model.token_encoder is not None
-    one_pass = model.token_encoder(
-        x.reshape(b, length * k, dim),
-        ~present.reshape(b, length * k),
-        allowed=model.hierarchical_mask(torch.arange(length).repeat_interleave(k)),
+    if model.token_encoder is not None:
+        x = model.token_encoder(
+            x.reshape(b, length * k, dim),
+            ~present.reshape(b, length * k),
+            allowed=model.hierarchical_mask(torch.arange(length).repeat_interleave(k)),
+        ).reshape(b, length, k, dim)
+    pooled = x.sum(dim=2) / present.sum(dim=2, keepdim=True).clamp(min=1)
+    return model.encoder(pooled, items == 0)
+
+
+@pytest.mark.parametrize("token_level", [True, False], ids=["heterrec", "no_token_attention"])
+def test_packed_tokens_in_length_groups_give_the_dense_one_pass_states(token_level: bool) -> None:
+    model = _heterrec(token_level=token_level).eval()
+    items = torch.tensor(
+        [
+            [1, 2, 3, 4, 6, 7, 8, 9],
+            [0, 0, 0, 3, 4, 5, 6, 7],
+            [0, 0, 0, 0, 0, 2, 5, 6],
+            [0] * 7 + [11],
+            [0] * 8,
+        ]
     )
-    torch.testing.assert_close(model.token_level(x, present), one_pass.reshape(b, length, k, dim))
+    x, present = model.tokens(items)
+    assert present.shape == (5, 8, 1 + ATTRIBUTES.shape[1]) and x.shape == (int(present.sum()), 8)
+    torch.testing.assert_close(model.encode(items), _dense_encode(model, items))
 
 
 def test_heterrec_scores_do_not_depend_on_padding_width() -> None:

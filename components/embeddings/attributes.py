@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rex.config.registry import register
@@ -52,9 +53,11 @@ class ItemAttributeEmbedding(nn.Module):
         return self.embedding(self.ids(items))
 
     def mean(self, items: Tensor) -> Tensor:
+        # A bag per item never builds the (*, A, dim) embeddings: on Sports, A is 37 and an item
+        # has 6 on average. Padding ids are left out of each bag's mean; an empty bag gives zeros.
         ids = self.ids(items)
-        count = (ids > 0).sum(dim=-1, keepdim=True).clamp(min=1)
-        return self.embedding(ids).sum(dim=-2) / count
+        bags = F.embedding_bag(ids.reshape(-1, self.width), self.embedding.weight, mode="mean", padding_idx=0)
+        return bags.view(*items.shape, -1)
 
 
 @register("embedding/item_codes")

@@ -21,7 +21,7 @@ class HeterRec(SequentialRecommender):
     Heterogeneous token flattening: item ``i`` of a (B, L) history becomes its id token and its
     A attribute tokens (``item_attributes`` (num_items, A), right-padded with 0), each embedding
     plus a slot embedding (slot 0 the id, slot j the j-th attribute) plus the item's position,
-    flattened to (B, L·K, dim). Hierarchical causal transformer: ``token_encoder`` attends over
+    flattened into one sequence per row of the tokens present. Hierarchical causal transformer: ``token_encoder`` attends over
     the tokens under :meth:`hierarchical_mask` (a token sees every token of its own item and of
     earlier items, never a later item's; absent attributes and padding never), each item's
     tokens are averaged into one (B, L, dim) vector, and the causal ``item_encoder`` runs over
@@ -68,53 +68,69 @@ class HeterRec(SequentialRecommender):
         return item_of[..., None, :] <= item_of[..., :, None]
 
     def tokens(self, items: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, L) item ids → token embeddings (B, L, K, dim) and present (B, L, K) bool."""
+        """(B, L) item ids → the present tokens' embeddings (P, dim) and present (B, L, K) bool.
+
+        Tokens are listed row by row, item by item, slot by slot (``present.nonzero()``'s
+        order). Only present tokens are embedded: a batch is mostly padding (Beauty's training
+        windows hold 5.7 items on average but are padded to the longest, about 48) and an item
+        has far fewer attributes than the widest (3.7 of 6 on Beauty, 6 of 37 on Sports), so the
+        dense (B, L, K, dim) tensor is over twenty times the work and memory on Sports.
+        """
         assert self.position_embedding is not None  # always built: positional is left at True
-        ids = torch.cat([self.item_embedding(items)[:, :, None], self.attribute_tokens(items)], dim=2)
+        ids = torch.cat([items[:, :, None], self.attribute_tokens.ids(items)], dim=2)
+        present = ids > 0
+        _, position, slot = present.nonzero(as_tuple=True)
+        token_ids, is_id = ids[present], slot == 0
+        # Row 0 of either table is zero padding: each token reads its own table, 0 in the other.
+        embedded = torch.where(
+            is_id[:, None],
+            self.item_embedding(token_ids * is_id),
+            self.attribute_tokens.embedding(token_ids * ~is_id),
+        )
         positions = self.positions(self.position_embedding, items.shape[1], items.device)
-        x = ids * math.sqrt(self.dim) + self.slot_embedding.weight + positions[:, None]
-        present = torch.cat([items[:, :, None] > 0, self.attribute_tokens.ids(items) > 0], dim=2)
+        x = embedded * math.sqrt(self.dim) + self.slot_embedding(slot) + positions[position]
         return x, present
 
     def encode(self, items: Tensor, last_only: bool = False) -> Tensor:
         """(B, L) item ids, left-padded → (B, L, dim) item states ((B, 1, dim) if ``last_only``)."""
         x, present = self.tokens(items)
-        x = self.dropout(x).masked_fill(~present[..., None], 0.0)
+        x = self.dropout(x)
         if self.token_encoder is not None:
             x = self.token_level(x, present)
         # Each item's vector: the mean over its present tokens.
-        pooled = x.sum(dim=2) / present.sum(dim=2, keepdim=True).clamp(min=1)
+        b, length, _ = present.shape
+        row, position, _ = present.nonzero(as_tuple=True)
+        sums = x.new_zeros(b * length, self.dim).index_add(0, row * length + position, x)
+        pooled = sums.view(b, length, self.dim) / present.sum(dim=2, keepdim=True).clamp(min=1)
         return self.encoder(pooled, items == 0, last_only=last_only)
 
     def token_level(self, x: Tensor, present: Tensor) -> Tensor:
-        """Token embeddings (B, L, K, dim) → token states (B, L, K, dim), zeros where absent: the
-        token encoder over each row's flattened tokens under :meth:`hierarchical_mask`.
+        """The present tokens (P, dim) of :meth:`tokens` and present (B, L, K) → their states
+        (P, dim): the token encoder over each row's tokens under :meth:`hierarchical_mask`.
 
-        A batch is mostly padding: Beauty's training windows hold 5.7 items on average but are
-        padded to the longest (about 48), and an item has fewer attributes than the widest (3.7
-        of 6 on Beauty, 6 of 37 on Sports). So each row's present tokens are packed to its end,
-        in order, and rows run in groups by their count of present tokens rounded up to a power
-        of two, each group cut to that width. Padding changes no present token's state, so this
-        is the one-pass result for a small part of the work (under a twentieth of the attention on
-        Beauty).
+        Rows run in groups by their count of tokens rounded up to a power of two, each row's
+        tokens right-aligned in its group's width and left-padded. Padding changes no token's
+        state, so this is the one-pass result over the whole L·K width for a small part of the
+        work (under a twentieth of the attention on Beauty).
         """
         assert self.token_encoder is not None
-        b, length, k, dim = x.shape
-        x, present = x.reshape(b, length * k, dim), present.reshape(b, length * k)
-        # A stable sort puts the absent tokens first and keeps the present ones in order.
-        order = present.argsort(dim=1, stable=True)
+        b, length, k = present.shape
+        _, position, _ = present.nonzero(as_tuple=True)
+        counts = present.sum(dim=(1, 2))
+        ends = counts.cumsum(0)
         edges = torch.tensor([2**i for i in range((length * k).bit_length() + 1)], device=x.device)
-        widths = edges[torch.bucketize(present.sum(dim=1), edges)].clamp(max=length * k)
-        states = torch.zeros_like(x)
-        for width in widths.unique().tolist():
-            rows = (widths == width).nonzero()  # (n, 1)
-            tokens = order[rows[:, 0], -width:]  # (n, width) indices into the row's L·K tokens
-            states[rows, tokens] = self.token_encoder(
-                x[rows, tokens],
-                ~present[rows, tokens],
-                allowed=self.hierarchical_mask(tokens // k)[:, None],
-            )
-        return states.reshape(b, length, k, dim)
+        widths = edges[torch.bucketize(counts, edges)].clamp(max=length * k)
+        states = torch.empty_like(x)
+        for width in widths[counts > 0].unique().tolist():
+            rows = ((widths == width) & (counts > 0)).nonzero()[:, 0]
+            offsets = torch.arange(-width, 0, device=x.device)
+            padding = offsets < -counts[rows, None]  # (n, width)
+            index = (ends[rows, None] + offsets).clamp(min=0)  # into the P tokens
+            # A padding query may see every token (its state is dropped), so no row is empty.
+            item_of = torch.where(padding, length, position[index])
+            out = self.token_encoder(x[index], padding, allowed=self.hierarchical_mask(item_of)[:, None])
+            states[index[~padding]] = out[~padding]
+        return states
 
     def future(self, items: Tensor, targets: Tensor) -> Tensor:
         """(B, L) inputs and next items → (B, L, steps): the ``steps`` items after each position
