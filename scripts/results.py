@@ -463,18 +463,31 @@ NOTES = {
                 "epochs (best at the 59th to 70th, validation NDCG@10 0.040-0.042, still creeping "
                 "up), after about 8 at popularity level. SASRec's s / seed mixes loads: its "
                 "first seed ran beside heavier jobs (4,893 s); the GRU4Rec and steps=1 rows shared "
-                "the cores with the test suite for about 25 minutes.",
+                "the cores with the test suite for about 25 minutes. HeterRec's rows here ran before "
+                "8b07b38, when every item's attribute slots were embedded, not only the tokens "
+                "present: the same function (a test checks the two against each other), but a "
+                "training step 3 to 4 times slower on Sports, so their s / seed is the dense cost.",
             ),
             (
                 "Sports",
                 "sports, next item with attributes",
                 "35,598 users, 18,357 items",
-                " Only SASRec has run so far. Its validation NDCG@10 peaks at 0.036-0.038 at its "
-                "33rd to 42nd epoch, and patience stops it 5 epochs later. Sports has 1.6 times "
-                "Beauty's users and 1.5 times its items, so a SASRec epoch with its validation "
-                "takes about twice as long (67-72 s against 32.5 s): its seeds took 46 to 53 "
-                "minutes each, one thread beside another job. Seed 44 ran beside seeds 42 and 43 "
-                "as a one-seed run (`seed=44 --seeds 1`).",
+                " SASRec, HeterRec and its token-level ablation have run so far; the other rows "
+                "have not. HeterRec is below SASRec here too (test NDCG@10 "
+                "0.0235 against 0.0304): its validation NDCG@10 peaks at 0.028-0.030 at its 12th or "
+                "13th epoch, and patience 3 stops it 3 epochs later, far inside its 34; SASRec's "
+                "peaks at 0.036-0.038 at its 33rd to 42nd epoch, and patience 5 stops it 5 epochs "
+                "later. As on Beauty, token-level attention does not help: with item-level attention "
+                "only (no token-level encoder) HeterRec reaches 0.0269 (validation peak "
+                "0.032-0.033, 12th or 13th epoch), still below SASRec. Sports has "
+                "1.6 times Beauty's users and 1.5 times its items, so a SASRec epoch with its "
+                "validation takes about twice as long (67-72 s against 32.5 s): its seeds took 46 "
+                "to 53 minutes each, one thread beside another job. HeterRec embeds only the tokens "
+                "present (8b07b38): an epoch takes about 100 s, 68 s without token-level attention; "
+                "its seeds 42 and 43 shared the cores with the test suite for 30 minutes (2,651 s "
+                "against seed 44's 1,537 s). Each HeterRec seed ran as a one-seed run (`seed=N --seeds "
+                "1`), two at a time, moved into one run folder per row; so did SASRec's seed 44, "
+                "beside its seeds 42 and 43.",
             ),
         )
     },
