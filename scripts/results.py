@@ -472,14 +472,15 @@ NOTES = {
                 "Sports",
                 "sports, next item with attributes",
                 "35,598 users, 18,357 items",
-                " SASRec, HeterRec and its token-level ablation have run so far; the other rows "
-                "have not. HeterRec is below SASRec here too (test NDCG@10 "
+                " SASRec, HeterRec and its two ablations have run so far; SASRec + attributes, "
+                "BERT4Rec and GRU4Rec have not. HeterRec is below SASRec here too (test NDCG@10 "
                 "0.0235 against 0.0304): its validation NDCG@10 peaks at 0.028-0.030 at its 12th or "
                 "13th epoch, and patience 3 stops it 3 epochs later, far inside its 34; SASRec's "
                 "peaks at 0.036-0.038 at its 33rd to 42nd epoch, and patience 5 stops it 5 epochs "
-                "later. As on Beauty, token-level attention does not help: with item-level attention "
-                "only (no token-level encoder) HeterRec reaches 0.0269 (validation peak "
-                "0.032-0.033, 12th or 13th epoch), still below SASRec. Sports has "
+                "later. As on Beauty, neither HeterRec module helps: with one prediction step (next "
+                "item only) it reaches 0.0267 (validation peak 0.032-0.033, 12th or 13th epoch), and with "
+                "item-level attention only (no token-level encoder) 0.0269 (the same peak, at the "
+                "same epochs); both are below SASRec. Sports has "
                 "1.6 times Beauty's users and 1.5 times its items, so a SASRec epoch with its "
                 "validation takes about twice as long (67-72 s against 32.5 s): its seeds took 46 "
                 "to 53 minutes each, one thread beside another job. HeterRec embeds only the tokens "
