@@ -21,10 +21,10 @@ class HeterRec(SequentialRecommender):
     Heterogeneous token flattening: item ``i`` of a (B, L) history becomes its id token and its
     A attribute tokens (``item_attributes`` (num_items, A), right-padded with 0), each embedding
     plus a slot embedding (slot 0 the id, slot j the j-th attribute) plus the item's position,
-    flattened into one sequence per row of the tokens present. Hierarchical causal transformer: ``token_encoder`` attends over
-    the tokens under :meth:`hierarchical_mask` (a token sees every token of its own item and of
-    earlier items, never a later item's; absent attributes and padding never), each item's
-    tokens are averaged into one (B, L, dim) vector, and the causal ``item_encoder`` runs over
+    flattened into one sequence per row of the tokens present. Hierarchical causal transformer:
+    ``token_encoder`` attends over the tokens under :meth:`hierarchical_mask` (a token sees every
+    token of its own item and of earlier items, never a later item's; absent attributes and
+    padding never), each item's tokens are averaged into one (B, L, dim) vector, and the causal ``item_encoder`` runs over
     those. Both are ``encoder/transformer`` s; the token one should be non-causal (``causal:
     false``), since the item-level mask is the model's. Without a ``token_encoder`` (null: the
     ablation with no token-level attention) the token embeddings are averaged as they are.
