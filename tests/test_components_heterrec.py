@@ -179,8 +179,8 @@ def test_packed_tokens_in_length_groups_give_the_dense_one_pass_states(token_lev
             [0] * 8,
         ]
     )
-    x, present = model.tokens(items)
-    assert present.shape == (5, 8, 1 + ATTRIBUTES.shape[1]) and x.shape == (int(present.sum()), 8)
+    tokens = model.tokens(items)
+    assert tokens.per_item.shape == (5, 8) and tokens.x.shape == (int(tokens.per_item.sum()), 8)
     torch.testing.assert_close(model.encode(items), _dense_encode(model, items))
 
 

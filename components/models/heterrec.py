@@ -4,6 +4,7 @@ hierarchical causal transformer over them, and a listwise multi-step prediction 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,15 @@ from torch import Tensor, nn
 from rex.components.embeddings.attributes import ItemAttributeEmbedding
 from rex.components.models.sequential import SequentialRecommender
 from rex.config.registry import Factory, register
+
+
+class PackedTokens(NamedTuple):
+    """The tokens present in a (B, L) batch, row by row, item by item, slot by slot."""
+
+    x: Tensor  # (P, dim) their vectors
+    row: Tensor  # (P,) the batch row of each
+    position: Tensor  # (P,) the item position of each
+    per_item: Tensor  # (B, L) how many each item has
 
 
 @register("model/heterrec")
@@ -67,19 +77,18 @@ class HeterRec(SequentialRecommender):
         attend to a token (column): any token of its own item or of an earlier one."""
         return item_of[..., None, :] <= item_of[..., :, None]
 
-    def tokens(self, items: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, L) item ids → the present tokens' embeddings (P, dim) and present (B, L, K) bool.
+    def tokens(self, items: Tensor) -> PackedTokens:
+        """(B, L) item ids → the present tokens, embedded: (P, dim) in :class:`PackedTokens`.
 
-        Tokens are listed row by row, item by item, slot by slot (``present.nonzero()``'s
-        order). Only present tokens are embedded: a batch is mostly padding (Beauty's training
-        windows hold 5.7 items on average but are padded to the longest, about 48) and an item
-        has far fewer attributes than the widest (3.7 of 6 on Beauty, 6 of 37 on Sports), so the
-        dense (B, L, K, dim) tensor is over twenty times the work and memory on Sports.
+        Only present tokens are embedded: a batch is mostly padding (Beauty's training windows
+        hold 5.7 items on average but are padded to the longest, about 48) and an item has far
+        fewer attributes than the widest (3.7 of 6 on Beauty, 6 of 37 on Sports), so the dense
+        (B, L, K, dim) tensor is over twenty times the work and memory on Sports.
         """
         assert self.position_embedding is not None  # always built: positional is left at True
         ids = torch.cat([items[:, :, None], self.attribute_tokens.ids(items)], dim=2)
         present = ids > 0
-        _, position, slot = present.nonzero(as_tuple=True)
+        row, position, slot = present.nonzero(as_tuple=True)
         token_ids, is_id = ids[present], slot == 0
         # Row 0 of either table is zero padding: each token reads its own table, 0 in the other.
         embedded = torch.where(
@@ -89,24 +98,23 @@ class HeterRec(SequentialRecommender):
         )
         positions = self.positions(self.position_embedding, items.shape[1], items.device)
         x = embedded * math.sqrt(self.dim) + self.slot_embedding(slot) + positions[position]
-        return x, present
+        return PackedTokens(x, row, position, present.sum(dim=2))
 
     def encode(self, items: Tensor, last_only: bool = False) -> Tensor:
         """(B, L) item ids, left-padded → (B, L, dim) item states ((B, 1, dim) if ``last_only``)."""
-        x, present = self.tokens(items)
-        x = self.dropout(x)
+        tokens = self.tokens(items)
+        x = self.dropout(tokens.x)
         if self.token_encoder is not None:
-            x = self.token_level(x, present)
+            x = self.token_level(x, tokens)
         # Each item's vector: the mean over its present tokens.
-        b, length, _ = present.shape
-        row, position, _ = present.nonzero(as_tuple=True)
-        sums = x.new_zeros(b * length, self.dim).index_add(0, row * length + position, x)
-        pooled = sums.view(b, length, self.dim) / present.sum(dim=2, keepdim=True).clamp(min=1)
+        b, length = items.shape
+        sums = x.new_zeros(b * length, self.dim).index_add(0, tokens.row * length + tokens.position, x)
+        pooled = sums.view(b, length, self.dim) / tokens.per_item[..., None].clamp(min=1)
         return self.encoder(pooled, items == 0, last_only=last_only)
 
-    def token_level(self, x: Tensor, present: Tensor) -> Tensor:
-        """The present tokens (P, dim) of :meth:`tokens` and present (B, L, K) → their states
-        (P, dim): the token encoder over each row's tokens under :meth:`hierarchical_mask`.
+    def token_level(self, x: Tensor, tokens: PackedTokens) -> Tensor:
+        """The (P, dim) vectors of ``tokens`` (:meth:`tokens`) → their states (P, dim): the
+        token encoder over each row's tokens under :meth:`hierarchical_mask`.
 
         Rows run in groups by their count of tokens rounded up to a power of two, each row's
         tokens right-aligned in its group's width and left-padded. Padding changes no token's
@@ -114,9 +122,8 @@ class HeterRec(SequentialRecommender):
         work (under a twentieth of the attention on Beauty).
         """
         assert self.token_encoder is not None
-        b, length, k = present.shape
-        _, position, _ = present.nonzero(as_tuple=True)
-        counts = present.sum(dim=(1, 2))
+        length, k = tokens.per_item.shape[1], 1 + self.attribute_tokens.width
+        counts = tokens.per_item.sum(dim=1)
         ends = counts.cumsum(0)
         edges = torch.tensor([2**i for i in range((length * k).bit_length() + 1)], device=x.device)
         widths = edges[torch.bucketize(counts, edges)].clamp(max=length * k)
@@ -127,7 +134,7 @@ class HeterRec(SequentialRecommender):
             padding = offsets < -counts[rows, None]  # (n, width)
             index = (ends[rows, None] + offsets).clamp(min=0)  # into the P tokens
             # A padding query may see every token (its state is dropped), so no row is empty.
-            item_of = torch.where(padding, length, position[index])
+            item_of = torch.where(padding, length, tokens.position[index])
             out = self.token_encoder(x[index], padding, allowed=self.hierarchical_mask(item_of)[:, None])
             states[index[~padding]] = out[~padding]
         return states
