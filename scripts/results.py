@@ -472,7 +472,7 @@ NOTES = {
                 "Sports",
                 "sports, next item with attributes",
                 "35,598 users, 18,357 items",
-                " BERT4Rec and GRU4Rec have not run yet. HeterRec is below SASRec here too (test NDCG@10 "
+                " BERT4Rec has not run yet. HeterRec is below SASRec here too (test NDCG@10 "
                 "0.0235 against 0.0304): its validation NDCG@10 peaks at 0.028-0.030 at its 12th or "
                 "13th epoch, and patience 3 stops it 3 epochs later, far inside its 34; SASRec's "
                 "peaks at 0.036-0.038 at its 33rd to 42nd epoch, and patience 5 stops it 5 epochs "
@@ -482,7 +482,10 @@ NOTES = {
                 "same epochs); both are below SASRec. SASRec + attributes is below SASRec as well "
                 "(0.0285): its validation NDCG@10 peaks at 0.035-0.038, at its 22nd, 35th and 42nd "
                 "epochs (patience 5 stopped two seeds early, the third reached the 44-epoch cap). "
-                "Its epochs take about 80 s, its seeds 36 to 59 minutes. Sports has "
+                "Its epochs take about 80 s, its seeds 36 to 59 minutes. GRU4Rec (0.0243) is just "
+                "above HeterRec and below the rest. Its validation peaks later than on Beauty, near "
+                "its 50-epoch cap: at 0.031-0.033, at its 42nd, 46th and 46th epochs, and "
+                "two seeds ran all 50 (about 47 s an epoch, 39 to 46 minutes a seed). Sports has "
                 "1.6 times Beauty's users and 1.5 times its items, so a SASRec epoch with its "
                 "validation takes about twice as long (67-72 s against 32.5 s): its seeds took 46 "
                 "to 53 minutes each, one thread beside another job. HeterRec embeds only the tokens "
