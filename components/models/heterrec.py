@@ -34,11 +34,12 @@ class HeterRec(SequentialRecommender):
     flattened into one sequence per row of the tokens present. Hierarchical causal transformer:
     ``token_encoder`` attends over the tokens under :meth:`hierarchical_mask` (a token sees every
     token of its own item and of earlier items, never a later item's; absent attributes and
-    padding never), each item's tokens are averaged into one (B, L, dim) vector, and the causal ``item_encoder`` runs over
-    those. Both are ``encoder/transformer`` s; the token one should be non-causal (``causal:
-    false``), since the item-level mask is the model's. Without a ``token_encoder`` (null: the
-    ablation with no token-level attention) the token embeddings are averaged as they are.
-    Items are scored against the tied item-id embeddings, as in ``model/sequential``.
+    padding never), each item's tokens are averaged into one (B, L, dim) vector, and the causal
+    ``item_encoder`` runs over those. Both are ``encoder/transformer`` s; the token one should be
+    non-causal (``causal: false``), since the item-level mask is the model's. Without a
+    ``token_encoder`` (null: the ablation with no token-level attention) the token embeddings are
+    averaged as they are. Items are scored against the tied item-id embeddings, as in
+    ``model/sequential``.
 
     Training batch: ``items`` (B, L) and ``targets`` (B, L), left-padded with 0. Returns
     ``logits`` (P, num_items) at the P positions with a next item and ``labels`` (P, steps),
