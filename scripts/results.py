@@ -472,7 +472,7 @@ NOTES = {
                 "Sports",
                 "sports, next item with attributes",
                 "35,598 users, 18,357 items",
-                " BERT4Rec has not run yet. HeterRec is below SASRec here too (test NDCG@10 "
+                " HeterRec is below SASRec here too (test NDCG@10 "
                 "0.0235 against 0.0304): its validation NDCG@10 peaks at 0.028-0.030 at its 12th or "
                 "13th epoch, and patience 3 stops it 3 epochs later, far inside its 34; SASRec's "
                 "peaks at 0.036-0.038 at its 33rd to 42nd epoch, and patience 5 stops it 5 epochs "
@@ -483,16 +483,23 @@ NOTES = {
                 "(0.0285): its validation NDCG@10 peaks at 0.035-0.038, at its 22nd, 35th and 42nd "
                 "epochs (patience 5 stopped two seeds early, the third reached the 44-epoch cap). "
                 "Its epochs take about 80 s, its seeds 36 to 59 minutes. GRU4Rec (0.0243) is just "
-                "above HeterRec and below the rest. Its validation peaks later than on Beauty, near "
+                "above HeterRec. Its validation peaks later than on Beauty, near "
                 "its 50-epoch cap: at 0.031-0.033, at its 42nd, 46th and 46th epochs, and "
-                "two seeds ran all 50 (about 47 s an epoch, 39 to 46 minutes a seed). Sports has "
+                "two seeds ran all 50 (about 47 s an epoch, 39 to 46 minutes a seed). BERT4Rec is "
+                "the lowest row, as on Beauty, at about half SASRec's NDCG@10 there and here "
+                "(0.0159): its validation NDCG@10 stays at popularity level (about 0.007) for its "
+                "first 9 to 11 epochs, then climbs to 0.020-0.021 at its 52nd, 56th and 62nd; two "
+                "seeds ran all 70 epochs, and patience 15 stopped the third at 68. Its three seeds ran "
+                "side by side, three one-thread jobs on the 2 cores (68-74 s an epoch, 79 to 82 "
+                "minutes a seed); seeds 42 and 43 were killed in their 2nd epoch and resumed from the "
+                "1st epoch's last.ckpt. Sports has "
                 "1.6 times Beauty's users and 1.5 times its items, so a SASRec epoch with its "
                 "validation takes about twice as long (67-72 s against 32.5 s): its seeds took 46 "
                 "to 53 minutes each, one thread beside another job. HeterRec embeds only the tokens "
                 "present (8b07b38): an epoch takes about 100 s, 68 s without token-level attention; "
                 "its seeds 42 and 43 shared the cores with the test suite for 30 minutes (2,651 s "
                 "against seed 44's 1,537 s). Each seed of the rows after SASRec ran as a one-seed run "
-                "(`seed=N --seeds 1`), two at a time, moved into one run folder per row; so did "
+                "(`seed=N --seeds 1`), two at a time (BERT4Rec's three), moved into one run folder per row; so did "
                 "SASRec's seed 44, beside its seeds 42 and 43.",
             ),
         )
