@@ -486,8 +486,8 @@ NOTES = {
                 "above HeterRec. Its validation peaks later than on Beauty, near "
                 "its 50-epoch cap: at 0.031-0.033, at its 42nd, 46th and 46th epochs, and "
                 "two seeds ran all 50 (about 47 s an epoch, 39 to 46 minutes a seed). BERT4Rec is "
-                "the lowest row, as on Beauty, at about half SASRec's NDCG@10 there and here "
-                "(0.0159): its validation NDCG@10 stays at popularity level (about 0.007) for its "
+                "the lowest row, at about half SASRec's NDCG@10 as on Beauty (0.0159 against "
+                "0.0304): its validation NDCG@10 stays at popularity level (about 0.007) for its "
                 "first 9 to 11 epochs, then climbs to 0.020-0.021 at its 52nd, 56th and 62nd; two "
                 "seeds ran all 70 epochs, and patience 15 stopped the third at 68. Its three seeds ran "
                 "side by side, three one-thread jobs on the 2 cores (68-74 s an epoch, 79 to 82 "
@@ -499,8 +499,8 @@ NOTES = {
                 "present (8b07b38): an epoch takes about 100 s, 68 s without token-level attention; "
                 "its seeds 42 and 43 shared the cores with the test suite for 30 minutes (2,651 s "
                 "against seed 44's 1,537 s). Each seed of the rows after SASRec ran as a one-seed run "
-                "(`seed=N --seeds 1`), two at a time (BERT4Rec's three), moved into one run folder per row; so did "
-                "SASRec's seed 44, beside its seeds 42 and 43.",
+                "(`seed=N --seeds 1`), two at a time (BERT4Rec's three), moved into one run folder "
+                "per row; so did SASRec's seed 44, beside its seeds 42 and 43.",
             ),
         )
     },
